@@ -1,0 +1,158 @@
+"""Normalised-score fusion and the pass/fail threshold.
+
+Branch scores live on unrelated scales (a Mahalanobis distance, a max of a normalised map), so
+each is normalised with statistics of good validation images: CSAD's ``z_k = (s_k − μ_k) / σ_k``
+with μ, σ the 20–80 % trimmed mean and std, or PSAD's adaptive scaling
+``s_k / max(leave-one-out scores)`` (``method="loo_max"``: μ_k = 0, σ_k = that maximum).
+
+The normalised scores are then combined: CSAD sums them (``combine="sum"``); lineguard's default
+takes the largest (``combine="max"``), i.e. a part fails when any one detector is sure. With a
+branch that is blind to a defect type (the histograms to a dent, the patch bank to a missing
+part) the sum adds that branch's noise to the evidence; the max does not. On the seed-1
+synthetic tray line (never used for the reported numbers) the max raised image AUROC from
+0.946 to 0.952 (logical) and 0.913 to 0.927 (structural) with the same bundle. The threshold is
+chosen on good images at a target false-reject rate and stored with the statistics, so a
+verdict is reproducible from the bundle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engines.errors import BundleError
+from engines.histogram import trimmed_stats
+
+METHODS = ("trimmed_z", "loo_max")
+COMBINES = ("max", "sum")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-branch normalisation and the decision threshold on the fused score."""
+
+    branches: tuple[str, ...]
+    mu: tuple[float, ...]
+    sigma: tuple[float, ...]
+    threshold: float
+    method: str = "trimmed_z"
+    target_frr: float | None = None
+    n_images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    combine: str = "max"
+
+    def __post_init__(self) -> None:
+        k = len(self.branches)
+        if len(self.mu) != k or len(self.sigma) != k:
+            raise BundleError(
+                f"calibration has {k} branches but {len(self.mu)} μ and {len(self.sigma)} σ"
+            )
+        if self.method not in METHODS:
+            raise BundleError(f"unknown fusion method {self.method!r}; known: {METHODS}")
+        if self.combine not in COMBINES:
+            raise BundleError(f"unknown combine rule {self.combine!r}; known: {COMBINES}")
+        values = (*self.mu, *self.sigma, self.threshold)
+        if not all(np.isfinite(values)) or min(self.sigma) <= 0:
+            raise BundleError(
+                f"calibration values must be finite with σ > 0: μ={self.mu} σ={self.sigma}"
+            )
+
+    @classmethod
+    def neutral(
+        cls, branches: tuple[str, ...], threshold: float = 0.0, combine: str = "max"
+    ) -> Calibration:
+        """Identity normalisation: for untrained bundles in tests and benchmarks."""
+        k = len(branches)
+        return cls(tuple(branches), (0.0,) * k, (1.0,) * k, threshold, combine=combine)
+
+    def contributions(self, scores: np.ndarray) -> np.ndarray:
+        """Normalised per-branch scores ``[B, K]``; the fused score is their row sum."""
+        s = np.asarray(scores, dtype=np.float64)
+        if s.ndim != 2 or s.shape[1] != len(self.branches):
+            raise BundleError(
+                f"scores have shape {s.shape}, calibration expects [B, {len(self.branches)}] "
+                f"for branches {self.branches}"
+            )
+        return (s - np.asarray(self.mu)) / np.asarray(self.sigma)
+
+    def combined(self, contributions: np.ndarray) -> np.ndarray:
+        """The fused score ``[B]`` from normalised per-branch scores ``[B, K]``."""
+        c = np.asarray(contributions, dtype=np.float64)
+        return c.max(axis=1) if self.combine == "max" else c.sum(axis=1)
+
+    def fuse(self, scores: np.ndarray) -> np.ndarray:
+        """Raw branch scores ``[B, K]`` → fused scores ``[B]``; a part fails above threshold."""
+        return self.combined(self.contributions(scores))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "combine": self.combine,
+            "branches": {
+                name: {"mu": mu, "sigma": sigma}
+                for name, mu, sigma in zip(self.branches, self.mu, self.sigma, strict=True)
+            },
+            "threshold": self.threshold,
+            "target_frr": self.target_frr,
+            "n_images": self.n_images,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Calibration:
+        try:
+            branches = tuple(data["branches"])
+            return cls(
+                branches=branches,
+                mu=tuple(float(data["branches"][b]["mu"]) for b in branches),
+                sigma=tuple(float(data["branches"][b]["sigma"]) for b in branches),
+                threshold=float(data["threshold"]),
+                method=str(data.get("method", "trimmed_z")),
+                target_frr=None if data.get("target_frr") is None else float(data["target_frr"]),
+                n_images=int(data.get("n_images", 0)),
+                extra=dict(data.get("extra", {})),
+                combine=str(data.get("combine", "max")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(
+                f"calibration.json is malformed ({exc!r}): re-run calibration"
+            ) from exc
+
+
+def fit_calibration(
+    branches: tuple[str, ...],
+    val_scores: np.ndarray,
+    target_frr: float = 0.01,
+    method: str = "trimmed_z",
+    loo_max: np.ndarray | None = None,
+    combine: str = "max",
+) -> Calibration:
+    """Normalisation from good validation scores ``[N, K]`` and the threshold at ``target_frr``.
+
+    The threshold is the (1 − target_frr) quantile of the fused validation scores, so about
+    ``target_frr`` of good parts are rejected. With few validation images the quantile is coarse:
+    ``n_images`` is stored so a user can see how much evidence stands behind it.
+    """
+    s = np.asarray(val_scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] != len(branches) or s.shape[0] < 2:
+        raise ValueError(f"need validation scores [N≥2, {len(branches)}], got {s.shape}")
+    if not 0.0 <= target_frr < 1.0:
+        raise ValueError(f"target_frr must be in [0, 1), got {target_frr}")
+    if method == "trimmed_z":
+        stats = [trimmed_stats(s[:, k]) for k in range(s.shape[1])]
+        mu, sigma = tuple(m for m, _ in stats), tuple(sd for _, sd in stats)
+    elif method == "loo_max":
+        if loo_max is None:
+            raise ValueError("method 'loo_max' needs the leave-one-out maxima per branch")
+        mu = (0.0,) * len(branches)
+        sigma = tuple(max(float(v), 1e-12) for v in np.asarray(loo_max, dtype=np.float64))
+    else:
+        raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+    provisional = Calibration(tuple(branches), mu, sigma, 0.0, method, combine=combine)
+    fused = provisional.fuse(s)
+    threshold = float(np.quantile(fused, 1.0 - target_frr, method="higher"))
+    return Calibration(
+        tuple(branches), mu, sigma, threshold, method, target_frr, int(s.shape[0]), combine=combine
+    )

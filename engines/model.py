@@ -1,0 +1,164 @@
+"""The fused CSAD model: a uint8 batch in, per-branch anomaly scores out, in one forward pass.
+
+Everything a verdict depends on happens inside this module — resize, normalisation, backbone,
+segmentation, histograms, Mahalanobis, LGST maps and their quantile normalisation — with tensor
+operations only: no Python loop over the batch and no data-dependent control flow. That is what
+gives the ONNX and TensorRT exports a real dynamic batch axis (the reference CSAD export is
+effectively batch-1). Calibration statistics are buffers, so they are saved with the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engines.backbones import backbone_spec, create_backbone
+from engines.errors import ConfigError, InputError
+from engines.histogram import PatchHistogram
+from engines.knn import PatchBank
+from engines.lgst import LGST, PROFILES
+from engines.segmentation import SegmentationHead
+
+CSAD_BRANCHES: tuple[str, ...] = ("patch_hist", "lgst")
+SEGMENTATION_WIDTH = {"paper": 256, "lite": 64}
+
+
+class Outputs(NamedTuple):
+    """What every runtime returns for a batch of B images; field names are the ONNX outputs.
+
+    - ``scores`` ``[B, K]`` float32: raw score per branch, in ``ModelConfig.branches`` order;
+    - ``anomaly_map`` ``[B, 1, h, w]`` float32: the normalised LGST map (plus the patch-bank map
+      when that branch is on) at a quarter of the input size;
+    - ``segmentation`` ``[B, H, W]`` uint8: component class per pixel (0 = background).
+
+    ``CSADModel.forward`` returns tensors; every runtime returns numpy arrays.
+    """
+
+    scores: Any
+    anomaly_map: Any
+    segmentation: Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the architecture; stored in the bundle manifest."""
+
+    backbone: str = "efficientnet_lite0"
+    input_size: int = 256
+    profile: str = "lite"
+    class_names: tuple[str, ...] = ("background", "component")
+    hist_grids: tuple[int, ...] = (1, 2)
+    seed: int = 0
+    patch_bank: int = 0  # size of the patch memory bank; 0 leaves the branch out
+
+    def __post_init__(self) -> None:
+        backbone_spec(self.backbone)  # raises with the list of known names
+        if self.profile not in PROFILES:
+            raise ConfigError(f"unknown profile {self.profile!r}; use one of {sorted(PROFILES)}")
+        if self.input_size < 32 or self.input_size % 32:
+            raise ConfigError(
+                f"input_size {self.input_size} must be a multiple of 32 (e.g. 256): the backbone "
+                "and the autoencoder downsample by 32"
+            )
+        if len(self.class_names) < 2:
+            raise ConfigError("class_names needs background plus at least one component class")
+        bad = [g for g in self.hist_grids if g < 1 or self.input_size % g]
+        if bad or not self.hist_grids:
+            raise ConfigError(
+                f"histogram grids {self.hist_grids} must divide input_size {self.input_size}"
+            )
+        if self.patch_bank < 0:
+            raise ConfigError(
+                f"patch_bank must be ≥ 0 (0 disables the branch), got {self.patch_bank}"
+            )
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Names of the columns of ``scores``, in order."""
+        return CSAD_BRANCHES + (("patch_knn",) if self.patch_bank else ())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def map_size(self) -> int:
+        return self.input_size // 4
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"model config has unknown fields {unknown}: written by a newer lineguard?"
+            )
+        values = dict(data)
+        for key in ("class_names", "hist_grids"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+class CSADModel(nn.Module):
+    """Backbone → {segmentation → Patch Histogram, LGST, optional patch bank} → ``Outputs``."""
+
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
+    def __init__(self, config: ModelConfig, backbone_weights: str | Path | None = "imagenet"):
+        super().__init__()
+        self.config = config
+        spec = backbone_spec(config.backbone)
+        profile = PROFILES[config.profile]
+        self.backbone = create_backbone(config.backbone, weights=backbone_weights)
+        self.register_buffer("pixel_mean", 255.0 * torch.tensor(spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", 255.0 * torch.tensor(spec.std).view(1, 3, 1, 1))
+        self.segmenter = _segmentation_head(config, spec.channels)
+        self.patch_hist = PatchHistogram(config.num_classes, config.input_size, config.hist_grids)
+        self.lgst = LGST(profile, spec.channels, config.input_size, config.seed)
+        self.patch_knn: PatchBank | None = None
+        if config.patch_bank:
+            dim = spec.channels[4] + spec.channels[8]
+            self.patch_knn = PatchBank(dim, config.patch_bank, config.map_size)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` RGB → normalised float ``[B, 3, S, S]``."""
+        if images.dim() != 4 or images.shape[-1] != 3:
+            raise InputError(f"expected images [B, H, W, 3], got shape {tuple(images.shape)}")
+        x = images.permute(0, 3, 1, 2).to(self.pixel_mean.dtype)
+        size = self.config.input_size
+        if x.shape[-2] != size or x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def segment(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Class logits ``[B, C, S, S]`` from the backbone taps at strides 4, 8, 16."""
+        size = self.config.input_size
+        return self.segmenter(features[0], features[2], (size, size))
+
+    def forward(self, images: torch.Tensor) -> Outputs:
+        x = self.preprocess(images)
+        features = self.backbone(x)
+        labels = self.segment(features).argmax(dim=1)
+        lgst_map = self.lgst(x, features)
+        columns = [self.patch_hist(labels), lgst_map.amax(dim=(1, 2, 3)).to(torch.float32)]
+        amap = lgst_map.to(torch.float32)
+        if self.patch_knn is not None:
+            knn_map = self.patch_knn(features[0], features[1])
+            columns.append(knn_map.amax(dim=(1, 2, 3)))
+            amap = amap + knn_map
+        return Outputs(torch.stack(columns, dim=1), amap, labels.to(torch.uint8))
+
+
+def _segmentation_head(config: ModelConfig, channels: dict[int, int]) -> SegmentationHead:
+    width = SEGMENTATION_WIDTH[config.profile]
+    return SegmentationHead(channels[4], channels[16], config.num_classes, width)

@@ -1,0 +1,39 @@
+"""Calibration: trimmed-z and leave-one-out normalisation, threshold at a target FRR."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engines.errors import BundleError
+from engines.fusion import Calibration, fit_calibration
+from engines.histogram import trimmed_stats
+
+
+def test_trimmed_z_calibration_and_threshold() -> None:
+    rng = np.random.default_rng(0)
+    scores = np.stack([rng.normal(10, 2, 400), rng.normal(0.1, 0.01, 400)], axis=1)
+    cal = fit_calibration(("a", "b"), scores, target_frr=0.05)
+    assert (cal.mu[0], cal.sigma[0]) == pytest.approx(trimmed_stats(scores[:, 0]))
+    rejected = np.mean(cal.fuse(scores) > cal.threshold)
+    assert rejected <= 0.05 and rejected >= 0.03
+    assert cal.n_images == 400 and cal.target_frr == 0.05
+    assert Calibration.from_json(cal.to_json()) == cal
+
+
+def test_loo_max_calibration() -> None:
+    scores = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    cal = fit_calibration(("a", "b"), scores, method="loo_max", loo_max=np.array([4.0, 40.0]))
+    assert cal.mu == (0.0, 0.0) and cal.sigma == (4.0, 40.0)
+    np.testing.assert_allclose(cal.contributions(scores)[:, 0], [0.25, 0.5, 0.75])
+    with pytest.raises(ValueError, match="leave-one-out"):
+        fit_calibration(("a", "b"), scores, method="loo_max")
+
+
+def test_bad_calibration_values_are_refused() -> None:
+    with pytest.raises(BundleError, match="σ > 0"):
+        Calibration(("a",), (0.0,), (0.0,), 1.0)
+    with pytest.raises(BundleError, match="malformed"):
+        Calibration.from_json({"branches": {"a": {}}})
+    with pytest.raises(ValueError, match="N≥2"):
+        fit_calibration(("a",), np.zeros((1, 1)))
