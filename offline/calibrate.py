@@ -1,0 +1,95 @@
+"""Calibration: every statistic a verdict depends on, from good images only.
+
+Order matters because each statistic normalises the next:
+
+1. histogram Gaussians (mean, regularised inverse covariance) per grid, from the training
+   images' predicted segmentations — the "normal composition" of the product;
+2. LGST (and patch-bank) map quantiles q_a, q_b (0.9 and 0.995) from validation goods
+   (EfficientAD);
+3. each histogram detector's trimmed μ, σ on validation goods (CSAD sums them normalised);
+4. per-branch fusion statistics and the threshold at the target false-reject rate, from the
+   validation goods' raw branch scores. The leave-one-out maxima for PSAD's alternative
+   normalisation are stored beside them.
+
+Test images are never looked at here (the reference CSAD code selects checkpoints on the test
+set; we do not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from engines.fusion import Calibration, fit_calibration
+from engines.histogram import class_histograms, fit_gaussian, trimmed_stats
+from engines.model import CSADModel
+from offline.banks import calibrate_bank_quantiles
+from offline.lgst_train import calibrate_map_quantiles
+from offline.seg_train import predict_labels
+
+
+@torch.no_grad()
+def raw_scores(model: CSADModel, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Raw branch scores ``[N, K]`` of the fused model (what the infer worker publishes)."""
+    model.eval()
+    parts = [
+        model(torch.from_numpy(images[i : i + batch])).scores.numpy()
+        for i in range(0, len(images), batch)
+    ]
+    return np.concatenate(parts).astype(np.float64)
+
+
+def leave_one_out_max(scores: np.ndarray) -> np.ndarray:
+    """Per-branch maximum over held-out good images.
+
+    PSAD's adaptive scaling divides by the largest leave-one-out score of the training set,
+    i.e. the worst score a good sample gets when it is not part of the model. Validation goods
+    were never part of training, so each of their scores already is a leave-one-out score.
+    """
+    return np.asarray(scores, dtype=np.float64).max(axis=0)
+
+
+def fit_histogram_statistics(
+    model: CSADModel, train_images: np.ndarray, val_images: np.ndarray
+) -> None:
+    ph = model.patch_hist
+    size = model.config.input_size
+    train_labels = torch.from_numpy(predict_labels(model, train_images).astype(np.int64))
+    for g in ph.grids:
+        hist = class_histograms(train_labels, ph.num_classes, g, size).numpy()
+        mean, inv_cov = fit_gaussian(hist)
+        ph.set_gaussian(g, mean, inv_cov)
+    val_labels = torch.from_numpy(predict_labels(model, val_images).astype(np.int64))
+    for g, scores in ph.detector_scores(val_labels).items():
+        mu, sigma = trimmed_stats(scores.numpy())
+        ph.set_normalisation(g, mu, sigma)
+
+
+def calibrate(
+    model: CSADModel,
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    *,
+    target_frr: float = 0.01,
+    method: str = "trimmed_z",
+    combine: str = "max",
+) -> tuple[Calibration, np.ndarray]:
+    """Fill the model's statistic buffers and return the fusion calibration and val scores."""
+    model.eval()
+    fit_histogram_statistics(model, train_images, val_images)
+    calibrate_map_quantiles(model, val_images)
+    calibrate_bank_quantiles(model, val_images)
+    val_scores = raw_scores(model, val_images)
+    loo = leave_one_out_max(val_scores)
+    calibration = fit_calibration(
+        model.config.branches,
+        val_scores,
+        target_frr=target_frr,
+        method=method,
+        loo_max=loo,
+        combine=combine,
+    )
+    extra = dict(calibration.extra, loo_max=[float(v) for v in loo])
+    return replace(calibration, extra=extra), val_scores

@@ -1,0 +1,332 @@
+"""``lineguard train``: from a folder of good images to a calibrated bundle, resumably.
+
+Five stages, each with a progress bar and each saved when it finishes in a work directory next
+to the bundle (``<out>.work/``): pseudo-labels, segmentation, LGST, patch bank, calibration.
+Killing the run and starting it again continues after the last finished stage; a work
+directory written for different data or settings is refused rather than silently mixed in
+(``restart=True`` clears it). Only good images are used: train for fitting, validation for
+calibration. Test images are never read here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_arrays
+from safetensors.numpy import save_file as save_arrays
+from safetensors.torch import load_file, save_file
+
+from engines.bundle import Bundle, load_bundle, save_bundle
+from engines.errors import ConfigError, LineguardError
+from engines.model import CSADModel, ModelConfig
+from offline.banks import fit_patch_bank
+from offline.calibrate import calibrate
+from offline.datasets import Dataset, load_image, open_dataset
+from offline.lgst_train import LGSTTrainConfig, fit_teacher_normalisation, train_lgst
+from offline.pseudo_labels import MaskGenerator, PseudoLabelConfig, generate_pseudo_labels
+from offline.seg_train import SegTrainConfig, train_segmentation
+
+STAGES = ("pseudo_labels", "segmentation", "lgst", "patch_bank", "calibration")
+STATE = "state.json"
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    """Step counts and sizes; ``default`` fits the 30-minute budget on a 2-core CPU."""
+
+    seg: SegTrainConfig = field(default_factory=SegTrainConfig)
+    lgst: LGSTTrainConfig = field(default_factory=LGSTTrainConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    max_train: int | None = None  # cap on training images (the demo uses a subset)
+    patch_bank: int = 4096  # patch memory bank size; 0 trains CSAD's two branches only
+
+
+PRESETS: dict[str, TrainPreset] = {
+    "demo": TrainPreset(
+        seg=SegTrainConfig(steps=150),
+        lgst=LGSTTrainConfig(steps=250),
+        max_train=120,
+        patch_bank=2048,
+    ),
+    "default": TrainPreset(),
+    # For GPUs: closer to the papers' schedules (EfficientAD trains 70 000 steps).
+    "paper": TrainPreset(
+        seg=SegTrainConfig(steps=6000, batch_labelled=8, batch_unlabelled=8),
+        lgst=LGSTTrainConfig(steps=60_000, batch_size=8, lr=2e-4, schedule="step"),
+    ),
+}
+
+
+class WorkDirMismatchError(LineguardError):
+    """The work directory belongs to a run with other data or settings."""
+
+
+class TrainingError(LineguardError):
+    """A training stage cannot proceed with this data."""
+
+
+def _fingerprint(dataset: Dataset, config: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for sample in (*dataset.train, *dataset.validation):
+        stat = sample.path.stat()
+        digest.update(f"{sample.path}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_images(
+    samples: list, size: int, limit: int | None, note: Callable[[str], None]
+) -> np.ndarray:
+    chosen = samples if limit is None or len(samples) <= limit else samples[:limit]
+    note(f"reading {len(chosen)} images")
+    return np.stack([load_image(s.path, size) for s in chosen])
+
+
+def _user_labels(
+    label_dir: Path, samples: list, size: int
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """PSAD's few-shot mode: a handful of label maps drawn by a user, matched by file stem."""
+    import cv2
+
+    labels = np.zeros((len(samples), size, size), np.uint8)
+    labelled = np.zeros(len(samples), bool)
+    for i, sample in enumerate(samples):
+        path = label_dir / f"{sample.path.stem}.png"
+        if path.is_file():
+            m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            if m is None:
+                raise TrainingError(f"label map {path} cannot be read as a grayscale PNG")
+            labels[i] = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+            labelled[i] = True
+    if not labelled.any():
+        raise TrainingError(
+            f"no label map in {label_dir} matches a training image name (expected <stem>.png)"
+        )
+    names_file = label_dir / "classes.json"
+    count = int(labels.max()) + 1
+    names = (
+        tuple(json.loads(names_file.read_text()))
+        if names_file.is_file()
+        else ("background", *(f"class_{k}" for k in range(1, count)))
+    )
+    if len(names) < count:
+        raise TrainingError(f"{names_file} names {len(names)} classes but the maps use {count}")
+    return labels, labelled, names
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def train_bundle(
+    data_dir: Path | str,
+    out: Path | str,
+    *,
+    backbone: str = "efficientnet_lite0",
+    profile: str = "lite",
+    device: str = "cpu",
+    preset: str | TrainPreset = "default",
+    input_size: int = 256,
+    target_frr: float = 0.01,
+    normalisation: str = "trimmed_z",
+    fusion: str = "max",
+    labels_dir: Path | str | None = None,
+    mask_generator: MaskGenerator | None = None,
+    progress: bool = True,
+    restart: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Bundle:
+    """Train and calibrate a bundle for the product in ``data_dir``; see the module docstring."""
+    note = log or (lambda msg: print(msg, flush=True) if progress else None)
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} asked for but torch sees no CUDA GPU: use --device cpu"
+        )
+    out = Path(out)
+    work = out.with_name(out.name + ".work")
+    dataset = open_dataset(data_dir)
+    settings = {
+        "backbone": backbone,
+        "profile": profile,
+        "input_size": input_size,
+        "preset": asdict(preset),
+        "labels_dir": str(labels_dir) if labels_dir else None,
+        "mask_generator": type(mask_generator).__name__ if mask_generator else None,
+    }
+    fingerprint = _fingerprint(dataset, settings)
+    if restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / STATE
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state and state.get("fingerprint") != fingerprint:
+        raise WorkDirMismatchError(
+            f"{work} holds a run for other data or settings: pass --restart to start over, or "
+            "choose another --out"
+        )
+    state.setdefault("fingerprint", fingerprint)
+    state.setdefault("done", [])
+    state.setdefault("seconds", {})
+
+    def finish(stage: str, seconds: float, **extra: Any) -> None:
+        state["done"].append(stage)
+        state["seconds"][stage] = round(seconds, 1)
+        state.update(extra)
+        state_path.write_text(json.dumps(state, indent=2))
+
+    torch.manual_seed(0)
+    train_images = _load_images(dataset.train, input_size, preset.max_train, note)
+    # --- 1. pseudo-labels -------------------------------------------------------------------
+    labels_file = work / "pseudo_labels.safetensors"
+    if "pseudo_labels" not in state["done"]:
+        t0 = time.perf_counter()
+        if labels_dir is not None:
+            note("stage 1/5: user label maps (few-shot mode)")
+            labels, labelled, names = _user_labels(
+                Path(labels_dir), dataset.train[: len(train_images)], input_size
+            )
+            stats: dict[str, float] = {"labelled_fraction": float(labelled.mean())}
+        else:
+            note("stage 1/5: pseudo-labels")
+            from engines.backbones import create_backbone
+
+            pl = generate_pseudo_labels(
+                create_backbone(backbone),
+                train_images,
+                preset.pseudo,
+                mask_generator,
+                progress=lambda msg: note(f"  {msg}"),
+            )
+            labels, labelled, names, stats = pl.labels, pl.labelled, pl.class_names, pl.stats
+        if len(names) < 2:
+            # A plain surface (a tile, a sheet) has no components to count: the histogram
+            # branch then sees one constant class and contributes nothing, while LGST and the
+            # patch bank still inspect the surface. User label maps (--labels) can add classes.
+            note("  no component classes found: the Patch Histogram branch will be inert")
+            names = ("background", "foreground")
+            labelled = np.ones(len(labels), dtype=bool)
+        save_arrays({"labels": labels, "labelled": labelled.astype(np.uint8)}, str(labels_file))
+        finish(
+            "pseudo_labels", time.perf_counter() - t0, class_names=list(names), pseudo_stats=stats
+        )
+    arrays = load_arrays(str(labels_file))
+    labels, labelled = arrays["labels"], arrays["labelled"].astype(bool)
+    config = ModelConfig(
+        backbone=backbone,
+        input_size=input_size,
+        profile=profile,
+        class_names=tuple(state["class_names"]),
+        patch_bank=preset.patch_bank,
+    )
+    model = CSADModel(config, backbone_weights="imagenet").to(device).eval()
+
+    def stage(name: str, title: str, module: torch.nn.Module, run: Callable[[], dict]) -> None:
+        """Run a stage once, keep its weights in the work dir, and reload them on resume."""
+        path = work / f"{name}.safetensors"
+        if name not in state["done"]:
+            note(title)
+            t0 = time.perf_counter()
+            info = run()
+            save_file(_cpu(module.state_dict()), str(path))
+            finish(name, time.perf_counter() - t0, **{f"{name}_info": info})
+        module.load_state_dict(load_file(str(path), device=device))
+
+    def with_bar(steps: int, desc: str, fit: Callable[[Callable], dict]) -> dict:
+        with _progress(steps, desc, progress) as bar:
+            return fit(
+                lambda _step, losses: (bar.update(1), bar.set_postfix(loss=f"{losses['loss']:.3f}"))
+            )
+
+    # --- 2. segmentation --------------------------------------------------------------------
+    if not labels.any():
+        stage(
+            "segmentation",
+            "stage 2/5: segmentation skipped: no component classes to learn",
+            model.segmenter,
+            lambda: (model.segmenter.predict_background_only(), {})[1],
+        )
+    stage(
+        "segmentation",
+        "stage 2/5: segmentation",
+        model.segmenter,
+        lambda: with_bar(
+            preset.seg.steps,
+            "segmentation",
+            lambda cb: train_segmentation(
+                model, train_images, labels, labelled, preset.seg, device=device, on_step=cb
+            ),
+        ),
+    )
+
+    # --- 3. LGST ------------------------------------------------------------------------------
+    def fit_lgst() -> dict:
+        fit_teacher_normalisation(model, train_images, device=device)
+        return with_bar(
+            preset.lgst.steps,
+            "lgst",
+            lambda cb: train_lgst(model, train_images, preset.lgst, device=device, on_step=cb),
+        )
+
+    stage("lgst", "stage 3/5: LGST", model.lgst, fit_lgst)
+
+    # --- 4. patch bank (no training: a coreset of good patches) ------------------------------
+    def fit_bank() -> dict:
+        assert model.patch_knn is not None
+        with _progress(config.patch_bank, "coreset", progress) as bar:
+            info = fit_patch_bank(model, train_images, on_progress=lambda i: bar.update(i - bar.n))
+            bar.update(config.patch_bank - bar.n)
+        return info
+
+    if model.patch_knn is not None:
+        stage("patch_bank", "stage 4/5: patch memory bank", model.patch_knn, fit_bank)
+    if "calibration" in state["done"] and (out / "manifest.json").exists():
+        note(f"all stages done: {out} is up to date (pass --restart to train again)")
+        return load_bundle(out)
+    # --- 5. calibration -----------------------------------------------------------------------
+    note("stage 5/5: calibration on validation goods")
+    t0 = time.perf_counter()
+    val_images = _load_images(dataset.validation, input_size, None, note)
+    model = model.cpu().eval()
+    calibration, _ = calibrate(
+        model,
+        train_images,
+        val_images,
+        target_frr=target_frr,
+        method=normalisation,
+        combine=fusion,
+    )
+    extra = {
+        "dataset": str(Path(data_dir).resolve()),
+        "layout": dataset.layout,
+        "n_train": len(train_images),
+        "n_validation": len(val_images),
+        "pseudo_labels": state.get("pseudo_stats", {}),
+        "seconds": state["seconds"],
+    }
+    bundle = save_bundle(model, out, calibration, overwrite=True, extra=extra)
+    finish("calibration", time.perf_counter() - t0)
+    note(f"bundle {bundle.path} (model {bundle.version}), threshold {calibration.threshold:.3f}")
+    return bundle
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def preset_with(name: str, **changes: Any) -> TrainPreset:
+    """A named preset with some fields replaced (e.g. fewer LGST steps for a quick check)."""
+    return replace(PRESETS[name], **changes)

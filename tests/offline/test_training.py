@@ -1,0 +1,211 @@
+"""Training stages on tiny images: each stage runs, the whole run resumes, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines.bundle import load_bundle
+from engines.errors import LineguardError
+from engines.model import CSADModel, ModelConfig
+from offline.banks import greedy_coreset
+from offline.evaluate import compute_metrics, evaluate_bundle
+from offline.lgst_train import LGSTTrainConfig, hard_mse
+from offline.pseudo_labels import PseudoLabelConfig
+from offline.seg_train import SegTrainConfig, dice_loss, histogram_loss, lsa
+from offline.synth import make_line
+from offline.train import TrainPreset, WorkDirMismatchError, train_bundle
+
+TINY_PRESET = TrainPreset(
+    seg=SegTrainConfig(steps=4, batch_labelled=2, batch_unlabelled=2),
+    lgst=LGSTTrainConfig(steps=4, batch_size=2),
+    pseudo=PseudoLabelConfig(clusters=8, feature_size=64, max_classes=4),
+    patch_bank=64,
+)
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("line") / "tray"
+    make_line(
+        root,
+        seed=1,
+        n_train=10,
+        n_val=6,
+        n_test_good=4,
+        n_test_logical=6,
+        n_test_structural=3,
+        size=64,
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(line: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tray"
+    train_bundle(line, out, preset=TINY_PRESET, input_size=64, progress=False, log=lambda _m: None)
+    return out
+
+
+def test_training_writes_a_verified_calibrated_bundle(trained: Path) -> None:
+    bundle = load_bundle(trained)
+    assert bundle.branches == ("patch_hist", "lgst", "patch_knn")
+    assert bundle.config.num_classes >= 2
+    assert np.isfinite(bundle.calibration.threshold)
+    assert bundle.manifest["extra"]["n_validation"] == 6
+    model = bundle.build_model()
+    assert float(model.patch_knn.bank_sq.sum()) > 0  # the bank was filled
+    assert float(model.lgst.teacher.std.min()) > 0  # teacher normalisation was fitted
+    state = json.loads((trained.with_name("tray.work") / "state.json").read_text())
+    assert state["done"] == ["pseudo_labels", "segmentation", "lgst", "patch_bank", "calibration"]
+
+
+def test_interrupted_training_resumes_after_the_last_finished_stage(
+    line: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "b"
+    seen: list[str] = []
+
+    def stop_at_lgst(msg: str) -> None:
+        seen.append(msg)
+        if msg.startswith("stage 3/5"):
+            raise KeyboardInterrupt  # what Ctrl-C or a kill between stages leaves behind
+
+    with pytest.raises(KeyboardInterrupt):
+        train_bundle(line, out, preset=TINY_PRESET, input_size=64, progress=False, log=stop_at_lgst)
+    assert not out.exists()
+    seen.clear()
+    train_bundle(line, out, preset=TINY_PRESET, input_size=64, progress=False, log=seen.append)
+    stages = [m for m in seen if m.startswith("stage")]
+    assert stages[0].startswith("stage 3/5"), stages  # pseudo-labels and segmentation were reused
+    load_bundle(out)
+    seen.clear()
+    again = train_bundle(
+        line, out, preset=TINY_PRESET, input_size=64, progress=False, log=seen.append
+    )
+    assert again.version == load_bundle(out).version and "up to date" in seen[-1]
+    other = TrainPreset(
+        seg=SegTrainConfig(steps=5), lgst=TINY_PRESET.lgst, pseudo=TINY_PRESET.pseudo, patch_bank=64
+    )
+    with pytest.raises(WorkDirMismatchError, match="--restart"):
+        train_bundle(line, out, preset=other, input_size=64, progress=False, log=seen.append)
+
+
+def test_training_refuses_bad_datasets(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LineguardError, match=r"empty|no image"):
+        train_bundle(empty, tmp_path / "out", preset=TINY_PRESET, progress=False)
+    with pytest.raises(LineguardError, match=r"does not exist|not found|No such"):
+        train_bundle(tmp_path / "missing", tmp_path / "out", preset=TINY_PRESET, progress=False)
+    with pytest.raises(LineguardError, match="unknown preset"):
+        train_bundle(empty, tmp_path / "out", preset="fastest", progress=False)
+
+
+def test_evaluation_reports_metrics_and_pictures(trained: Path, line: Path, tmp_path: Path) -> None:
+    result = evaluate_bundle(trained, line, out_dir=tmp_path / "eval")
+    m = result.metrics
+    assert m["n_images"] == 13 and m["n_good"] == 4
+    assert set(m["by_type"]) == {"logical", "structural"}
+    assert set(m["overall"]["branches"]) == {"patch_hist", "lgst", "patch_knn"}
+    for name in ("report.html", "metrics.json", "misses.png", "false_alarms.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert "data:image/png;base64" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_evaluation_needs_a_test_split(trained: Path, line: Path, tmp_path: Path) -> None:
+    goods = tmp_path / "goods"
+    shutil.copytree(line / "train" / "good", goods)
+    with pytest.raises(LineguardError, match="no test split"):
+        evaluate_bundle(trained, goods)
+
+
+def test_metrics_from_known_scores() -> None:
+    from offline.datasets import Sample
+
+    def s(label: int, kind: str) -> Sample:
+        return Sample(Path(f"{kind}{label}.png"), label, kind, kind if label else None, ())
+
+    samples = [s(0, "good"), s(0, "good"), s(1, "logical"), s(1, "structural")]
+    fused = np.array([0.0, 1.0, 3.0, 0.5])
+    raw = np.stack([fused, -fused], axis=1)
+    m = compute_metrics(samples, raw, fused, ("a", "b"), threshold=2.0)
+    assert m["by_type"]["logical"]["auroc"] == 1.0
+    assert m["by_type"]["structural"]["auroc"] == 0.5
+    assert m["by_type"]["logical"]["branches"]["b"] == 0.0
+    assert m["false_reject_rate"] == 0.0
+    assert m["overall"]["escape_rate"] == 0.5
+
+
+def test_greedy_coreset_covers_every_cluster() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = np.concatenate([c + rng.normal(0, 0.1, (200, 2)) for c in centres])
+    chosen = greedy_coreset(torch.from_numpy(points).float(), 3)
+    assert len(set(chosen.tolist())) == 3
+    assert {int(i) // 200 for i in chosen} == {0, 1, 2}
+
+
+def test_losses_and_lsa() -> None:
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:4, 2:4] = 1
+    perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float()
+    assert dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-3)
+    assert histogram_loss(perfect, torch.tensor([[60 / 64, 4 / 64]])).item() == pytest.approx(0.0)
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:8, 4:8] = 1
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[labels == 1] = 200
+    moved_img, moved = lsa(image, labels, np.random.default_rng(0), max_copies=1)
+    assert (moved == 1).sum() >= 16 and (moved_img[moved == 1] == 200).all()
+    diff2 = torch.arange(1000.0)
+    assert hard_mse(diff2, 0.99).item() == pytest.approx(diff2[989:].mean().item())
+
+
+def test_model_with_patch_bank_exports_and_matches_torch(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from engines.export import export_onnx
+
+    config = ModelConfig(input_size=64, class_names=("bg", "a", "b"), patch_bank=32)
+    model = CSADModel(config, backbone_weights=None).eval()
+    model.patch_knn.set_bank(torch.randn(32, model.patch_knn.bank.shape[1]))
+    export_onnx(model, tmp_path / "m.onnx")
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["scores"], {"images": images})[0]
+    with torch.inference_mode():
+        want = model(torch.from_numpy(images)).scores.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_surface_without_components_still_trains(tmp_path: Path) -> None:
+    """Tiles, sheets, fabric: no components to count, so the histogram branch is constant."""
+    import cv2
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        cv2.imwrite(
+            str(folder / f"{i:03d}.png"), (120 + rng.normal(0, 3, (64, 64))).astype(np.uint8)
+        )
+    messages: list[str] = []
+    bundle = train_bundle(
+        folder,
+        tmp_path / "b",
+        preset=TINY_PRESET,
+        input_size=64,
+        progress=False,
+        log=messages.append,
+    )
+    assert bundle.config.class_names == ("background", "foreground")
+    assert any("Patch Histogram branch will be inert" in m for m in messages)
+    images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        out = bundle.build_model()(torch.from_numpy(images))
+    assert int(out.segmentation.max()) == 0  # every pixel background: a constant histogram
