@@ -1,0 +1,244 @@
+"""The bus goes away: a restart of the server mid-run (AOF on), and no server at start-up.
+
+Each test starts its own server process (``RedisProcess``), runs infer and decide as real
+``lineguard`` processes and the ingest stage in a thread (through ``run_worker``, as
+``lineguard ingest`` does), and checks the contract: every frame ingest acknowledged (its seq
+counter in Redis) gets exactly one event, and the verdicts are the right ones.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream.bus import Bus, connect
+from stream.ingest import Ingestor
+from stream.settings import RedisSettings
+from stream.worker import line_key
+from tests.reliability.helpers import (
+    IngestThread,
+    RedisProcess,
+    WorkerProcess,
+    free_port,
+    heartbeat_consumers,
+    server_binary,
+    stopped,
+    unique_prefix,
+    wait_for_every_seq,
+    wait_until,
+    worker_env,
+)
+from tests.stream.pipeline_helpers import BAD, GOOD, SIZE, settings_for, split_bundle
+
+IMAGES = [GOOD, BAD, GOOD, GOOD]
+EXPECTED = ["pass", "fail", "pass", "pass"]
+
+pytestmark = pytest.mark.skipif(server_binary() is None, reason="no redis-server/valkey-server")
+
+
+def bus_on(url: str) -> Bus:
+    client = connect(RedisSettings(url=url, socket_timeout=5.0, retries=1))
+    return Bus(client, line="line1", prefix=unique_prefix())
+
+
+def workers(bus: Bus, url: str, bundle: Path, tmp: Path, **env: object) -> list[WorkerProcess]:
+    base = {
+        "redis.wait_timeout": 60,
+        "infer.reclaim_idle_ms": 3000,
+        "infer.reclaim_interval_ms": 500,
+        "decide.reclaim_idle_ms": 3000,
+        **env,
+    }
+    e = worker_env(url, bus, **base)
+    infer = WorkerProcess(
+        "infer",
+        ["--bundle", str(bundle), "--runtime", "onnxruntime", "--consumer", "infer-0"],
+        e,
+        tmp / "infer.log",
+    )
+    decide = WorkerProcess(
+        "decide",
+        ["--bundle", str(bundle), "--consumer", "decide-0", "--gap-grace-s", "30"],
+        e,
+        tmp / "decide.log",
+    )
+    return [infer, decide]
+
+
+def check_one_event_each(bus: Bus, n: int, timeout_s: float) -> None:
+    events = wait_for_every_seq(bus, "cam0", n, timeout_s)
+    per_seq = Counter(e.seq for e in events)
+    assert set(per_seq) == set(range(n)), "events for frames ingest never sent"
+    assert max(per_seq.values()) == 1, f"duplicated events: {per_seq.most_common(3)}"
+    verdicts = {e.seq: e.verdict for e in events}
+    wrong = {s: v for s, v in verdicts.items() if v != EXPECTED[s % len(EXPECTED)]}
+    assert not wrong, f"unexpected verdicts: {dict(list(wrong.items())[:10])}"
+
+
+@pytest.mark.slow
+def test_server_restart_mid_run_loses_no_acknowledged_frame(
+    tmp_path: Path, own_server: RedisProcess
+) -> None:
+    """A graceful restart and then a crash (SIGKILL; AOF fsync always) while frames flow:
+    workers ride through with backoff, ingest resends what it could not hand over, every
+    frame whose seq Redis acknowledged gets exactly one, correct, event."""
+    split = split_bundle()
+    bus = bus_on(own_server.url)
+    settings = settings_for(bus, own_server.url)
+    procs = workers(bus, own_server.url, split.path, tmp_path)
+    n = 120
+    with stopped(*procs):
+        for p in procs:
+            p.start()
+        wait_until(
+            lambda: (
+                {"infer-0"} <= heartbeat_consumers(bus, "infer")
+                and {"decide-0"} <= heartbeat_consumers(bus, "decide")
+            ),
+            90,
+            "infer and decide to be ready",
+        )
+        ingest = IngestThread(settings, IMAGES, n, size=SIZE, fps=25).start()
+        try:
+            wait_until(lambda: ingest.sent >= 30, 30, "30 frames sent")
+            own_server.restart(down_s=2.5)  # graceful: SIGTERM, AOF flushed
+            wait_until(lambda: ingest.sent >= 70, 60, "70 frames sent")
+            own_server.restart(crash=True, down_s=2.5)  # SIGKILL: only fsync'ed data survives
+            ingest.join(120)
+        finally:
+            ingest.close()
+        acknowledged = int(bus.client.get(line_key(bus, "seq", "cam0")) or 0)
+        assert ingest.sent == n, "ingest skipped captures during the outage"
+        assert acknowledged == n
+        check_one_event_each(bus, acknowledged, 120)
+        assert all(p.alive() for p in procs), "a worker died during the outage"
+        for p in procs:
+            outages = [e for e in p.logs() if e.get("event") == "worker.redis_unavailable"]
+            assert outages, f"{p.stage} logged no outage"
+            # backoff, not a hot loop: redis-py's own retries (exponential, jittered) absorb
+            # most of the 2 × 2.5 s, then run_worker waits 0.1, 0.2, 0.4 ... s between steps
+            delays = [e["retry_in_s"] for e in outages]
+            assert len(delays) <= 12, f"{p.stage} spun on the outage: {delays}"
+            assert set(delays) <= {0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0}, delays
+        codes = [p.stop() for p in procs]
+        assert codes == [0, 0], f"workers did not drain and exit cleanly: {codes}"
+    bus.client.close()
+
+
+@pytest.mark.slow
+def test_server_unreachable_at_start_workers_wait_and_log_then_proceed(tmp_path: Path) -> None:
+    """No server yet: infer and decide log each failed attempt with the URL and the time
+    left, keep waiting, and serve the line as soon as the server appears."""
+    port = free_port()
+    server = RedisProcess(tmp_path / "redis", port=port, appendfsync="always")
+    split = split_bundle()
+    bus = bus_on(server.url)
+    procs = workers(bus, server.url, split.path, tmp_path)
+    try:
+        with stopped(*procs):
+            for p in procs:
+                p.start()
+
+            def attempts(p: WorkerProcess) -> list[dict[str, object]]:
+                return [e for e in p.logs() if e.get("event") == "redis.unreachable"]
+
+            wait_until(
+                lambda: all(len(attempts(p)) >= 2 for p in procs), 60, "logged connection attempts"
+            )
+            for p in procs:
+                first = attempts(p)[0]
+                assert first["url"] == f"redis://127.0.0.1:{port}/0"
+                assert first["level"] == "warning" and first["attempt"] == 1
+                assert "Connection refused" in str(first["error"])
+                assert 0 < float(first["remaining_s"]) <= 60  # type: ignore[arg-type]
+                assert p.alive()
+            server.start()
+            wait_until(
+                lambda: (
+                    bool(heartbeat_consumers(bus, "infer"))
+                    and bool(heartbeat_consumers(bus, "decide"))
+                ),
+                60,
+                "workers to connect",
+            )
+            for p in procs:
+                assert any(e.get("event") == "redis.reachable" for e in p.logs())
+            ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="png")
+            for i in range(8):
+                ing.send(IMAGES[i % len(IMAGES)])
+            check_one_event_each(bus, 8, 60)
+    finally:
+        bus.client.close()
+        server.stop()
+
+
+def test_a_batch_caught_by_an_outage_is_rescored_as_soon_as_the_server_is_back(
+    tmp_path: Path, own_server: RedisProcess
+) -> None:
+    """The server goes away after infer read a batch and before it could publish: with the
+    default reclaim_idle_ms (30 s) the batch used to wait for XAUTOCLAIM; the worker now
+    re-reads its own unacknowledged entries first when Redis comes back."""
+    import threading
+    import time
+
+    from stream.infer import InferStage
+    from stream.protocol import ENTRY_FIELD, decode_scores
+    from stream.worker import StopFlag, run_worker
+
+    split = split_bundle()
+    bus = bus_on(own_server.url)
+    settings = settings_for(bus, own_server.url)
+    assert settings.infer.reclaim_idle_ms == 30_000
+    stage = InferStage(
+        Bus.from_settings(connect(settings), settings), settings, split.path,
+        runtime="onnxruntime", consumer="i0",
+    )  # fmt: skip
+    stop = StopFlag()
+    outage = threading.Event()
+    worker = threading.Thread(
+        target=run_worker,
+        args=(stage, stage.bus),
+        kwargs={"stop": stop, "handle_signals": False},
+        daemon=True,
+    )
+    worker.start()
+    try:
+        wait_until(lambda: stage.model is not None, 60, "infer ready")
+        assert stage.model is not None
+        real = stage.model.runtime
+
+        class StopsTheServer:
+            """Runs the batch, but the server dies while it does (once)."""
+
+            kind = real.kind
+
+            def run(self, images: object) -> object:
+                if not outage.is_set():
+                    outage.set()
+                    own_server.kill()
+                return real.run(images)  # type: ignore[arg-type]
+
+            def close(self) -> None:
+                real.close()
+
+        stage.model.runtime = StopsTheServer()  # type: ignore[assignment]
+        ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="png")
+        ing.send(GOOD)
+        wait_until(outage.is_set, 30, "the batch to be read")
+        time.sleep(2.0)  # redis-py gives up; the worker backs off
+        own_server.start()
+        t_back = time.monotonic()
+        wait_until(lambda: bus.length("scores") == 1, 20, "the batch to be scored again")
+        assert time.monotonic() - t_back < 15  # not after the 30 s reclaim_idle_ms
+        rows: Any = bus.client.xrange(bus.key("scores"))
+        ((_id, fields),) = rows
+        assert decode_scores(fields[ENTRY_FIELD]).seq == 0
+        assert bus.pending("frames", "infer") == []
+    finally:
+        stop.set()
+        worker.join(20)
+        stage.bus.client.close()
+        bus.client.close()
