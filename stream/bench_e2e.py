@@ -1,0 +1,240 @@
+"""``lineguard bench e2e``: throughput and capture→event latency through Redis, per stage.
+
+Where ``lineguard bench model`` times the forward pass alone, this times what a line sees:
+ingest (resize + encode + XADD), the wait in the frames stream, infer (decode, batch, forward,
+publish), the hand-off through the scores stream, and decide (calibrate, fuse, dedup, event).
+The difference between the two is the transport and batching overhead.
+
+Method: infer and decide run on this box (threads by default); a warm-up of a few frames is
+sent and awaited first, then ``frames`` frames at ``rate`` (``None`` = as fast as the sender
+can go). Each event carries its own per-stage timings (``stream.decide.latency_of``), so the
+breakdown needs no extra instrumentation. Throughput is frames / (last event − first capture).
+The images are smooth synthetic scenes (not noise), so JPEG sizes are realistic. With no
+``LINEGUARD_REDIS__URL`` an embedded Valkey is started; on an external server the benchmark
+uses its own key prefix and deletes its keys afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from rich.table import Table
+
+from engines.errors import LineguardError
+from stream.bus import Bus, connect
+from stream.decide import STAGES
+from stream.ingest import bundle_input_size
+from stream.protocol import ENTRY_FIELD, ProtocolError, decode_scores
+from stream.replay import EventCollector, events_cursor, send_source
+from stream.run import LocalPipeline, Mode
+from stream.server import redis_url_for
+from stream.settings import Settings, redacted_url
+from stream.sources import ArraySource
+
+BENCH_CAMERA = "bench"
+
+
+def synthetic_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` smooth RGB scenes: a blurred colour field with a few filled shapes on it."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        field = rng.integers(40, 200, (8, 8, 3), dtype=np.uint8)
+        img = cv2.resize(field, (size, size), interpolation=cv2.INTER_CUBIC)
+        for _ in range(4):
+            centre = (int(rng.integers(0, size)), int(rng.integers(0, size)))
+            radius = int(rng.integers(size // 16, size // 5))
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            cv2.circle(img, centre, radius, colour, thickness=-1, lineType=cv2.LINE_AA)
+        out.append(img)
+    return out
+
+
+def _stats(values_s: list[float]) -> dict[str, float]:
+    if not values_s:
+        return {}
+    arr = np.asarray(values_s) * 1000
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 2),
+        "p99": round(float(np.percentile(arr, 99)), 2),
+        "mean": round(float(arr.mean()), 2),
+    }
+
+
+def _with(settings: Settings, **sections: dict[str, Any]) -> Settings:
+    update = {
+        name: getattr(settings, name).model_copy(update=values) for name, values in sections.items()
+    }
+    return settings.model_copy(update=update)
+
+
+def bench_e2e(
+    settings: Settings,
+    *,
+    frames: int = 300,
+    rate: float | None = None,
+    bundle: str | Path | None = None,
+    runtime: str = "auto",
+    device: str = "cpu",
+    mode: Mode = "threads",
+    warmup: int = 16,
+    timeout_s: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-ready dict (see ``result_table`` for the view)."""
+    if frames < 1:
+        raise LineguardError(f"--frames must be at least 1, got {frames}")
+    say = progress or (lambda _msg: None)
+    load_before = os.getloadavg()
+    external = settings.redis.url is not None
+    prefix = f"lineguard-bench-{uuid.uuid4().hex[:8]}" if external else settings.redis.key_prefix
+    cfg = _with(
+        settings,
+        line={"camera": BENCH_CAMERA},
+        redis={"key_prefix": prefix},
+        ingest={"max_len": max(settings.ingest.max_len, frames + warmup + 100)},
+    )
+    with tempfile.TemporaryDirectory(prefix="lineguard-bench-e2e-") as tmp:
+        if bundle is None:
+            from engines.bench import synthetic_bundle
+
+            say("building an untrained efficientnet_lite0 (lite) bundle at 256 px")
+            bundle_path = synthetic_bundle("efficientnet_lite0", "lite", 256, Path(tmp)).path
+        else:
+            bundle_path = Path(bundle)
+        size = bundle_input_size(bundle_path)
+        runtime_kind = _runtime_used(runtime, device, bundle_path)
+        images = synthetic_images(32, size)
+        with redis_url_for(cfg) as url:
+            say(f"starting infer and decide ({mode}) on {redacted_url(url)}")
+            pipeline = LocalPipeline(
+                cfg, url, bundle_path, mode=mode, runtime=runtime, device=device
+            )
+            client = connect(cfg, url, client_name="lineguard-bench")
+            try:
+                with pipeline:
+                    bus = Bus.from_settings(client, cfg)
+                    with EventCollector(cfg, url, BENCH_CAMERA, since=events_cursor(bus)) as col:
+                        if warmup > 0:
+                            say(f"warm-up: {warmup} frames")
+                            sent = send_source(
+                                bus, cfg, ArraySource(images, count=warmup), size=size
+                            )
+                            col.wait_for(sent.seqs, 120.0, check=pipeline.check)
+                        say(f"timing {frames} frames at {'max rate' if rate is None else rate}")
+                        sent = send_source(
+                            bus, cfg, ArraySource(images, count=frames), size=size, fps=rate
+                        )
+                        limit = timeout_s or max(120.0, frames / 2.0)
+                        complete = col.wait_for(sent.seqs, limit, check=pipeline.check)
+                        events, counts = col.snapshot()
+                    batches = _batch_sizes(bus, set(sent.seqs))
+            finally:
+                if external:
+                    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+                    if keys:
+                        client.delete(*keys)
+                client.close()
+    timed = [events[s] for s in sent.seqs if s in events]
+    if not complete:
+        raise LineguardError(
+            f"only {len(timed)} of {frames} frames got an event in time; the pipeline is "
+            "slower than expected or stuck (see the log)"
+        )
+    t_first = min(e.t_capture for e in timed)
+    t_last = max(e.t_event for e in timed)
+    latency = {
+        stage: _stats([e.latency[stage] for e in timed if stage in e.latency]) for stage in STAGES
+    }
+    from engines.bench import machine_info
+
+    return {
+        "frames": frames,
+        "rate": "max" if rate is None else rate,
+        "mode": mode,
+        "runtime": runtime_kind,
+        "device": device,
+        "max_batch": cfg.infer.max_batch,
+        "max_delay_ms": cfg.infer.max_delay_ms,
+        "encoding": cfg.ingest.encoding,
+        "input_size": size,
+        "bundle": "synthetic efficientnet_lite0 lite (untrained)"
+        if bundle is None
+        else str(bundle),
+        "frames_per_s": round(len(timed) / max(t_last - t_first, 1e-9), 2),
+        "mean_batch": round(float(np.mean(batches)), 2) if batches else None,
+        "latency_ms": latency,
+        "verdicts": {
+            v: sum(1 for e in timed if e.verdict == v)
+            for v in ("pass", "fail", "error", "uninspected")
+        },
+        "duplicates": sum(n - 1 for n in counts.values() if n > 1),
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine_info(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _batch_sizes(bus: Bus, seqs: set[int]) -> list[float]:
+    """Batch size of each timed frame, from the scores stream (infer records it)."""
+    out: list[float] = []
+    rows: Any = bus.client.xrange(bus.key("scores"), count=100_000)
+    for _id, fields in rows:
+        try:
+            s = decode_scores(fields.get(ENTRY_FIELD), bus.limits)
+        except ProtocolError:
+            continue
+        if s.camera == BENCH_CAMERA and s.seq in seqs and "batch" in s.timings:
+            out.append(s.timings["batch"])
+    return out
+
+
+def _runtime_used(runtime: str, device: str, bundle: Path) -> str:
+    """What ``auto`` resolves to for this bundle (mirrors ``stream.infer.resolve_runtime``)."""
+    if runtime != "auto":
+        return runtime
+    has_onnx = (bundle / "model.onnx").is_file()
+    return "onnxruntime" if device == "cpu" and has_onnx else "torch"
+
+
+STAGE_LABELS = {
+    "ingest": "ingest (resize, encode, XADD)",
+    "queue": "ingest → infer queue wait",
+    "infer": "infer (decode, batch, forward, publish)",
+    "handoff": "infer → decide wait",
+    "decide": "decide (calibrate, dedup, event)",
+    "total": "capture → event",
+}
+
+
+def result_table(result: dict[str, Any]) -> Table:
+    table = Table(
+        title=(
+            f"lineguard bench e2e: {result['frames']} frames at {result['rate']}, "
+            f"{result['frames_per_s']:.1f} frames/s"
+        ),
+        caption=(
+            f"runtime {result['runtime']} on {result['device']}, max_batch {result['max_batch']}, "
+            f"max_delay {result['max_delay_ms']} ms, mean batch {result['mean_batch']}, "
+            f"{result['encoding']} {result['input_size']} px, workers as {result['mode']}; "
+            f"load avg {result['load_avg_before'][0]} → {result['load_avg_after'][0]}"
+        ),
+    )
+    for col in ("stage", "p50 ms", "p99 ms", "mean ms"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage in STAGES:
+        st = result["latency_ms"].get(stage) or {}
+        table.add_row(
+            STAGE_LABELS[stage],
+            *(f"{st[k]:.2f}" if k in st else "-" for k in ("p50", "p99", "mean")),
+        )
+    return table

@@ -1,0 +1,310 @@
+"""The ingest stage: capture, resize to the model's input size, encode, stamp and send.
+
+Sequence numbers are per camera and dense (0, 1, 2, …): the decide stage finds frames that
+were trimmed or lost by looking for holes, so a hole must mean a lost frame and nothing else.
+The next number lives in Redis (``<prefix>:{line}:seq:<camera>``) and is advanced by the same
+Lua script that appends the frame, so a frame and its number are written together or not at
+all; a restarted ingest continues where the last one stopped. The script also compares the
+stored number with the one this process expects, so two ingests feeding the same camera id
+stop with a clear error instead of interleaving numbers.
+
+A send is idempotent: the script also records which sender (a random token per ``Ingestor``)
+last advanced the number. When a reply is lost (the server went down after running the script
+but before answering) and the send is retried, the script recognises its own earlier success
+and returns that entry id instead of reporting a conflict. ``IngestStage`` retries a capture
+that could not be handed over after a Redis outage, so no capture is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import redis
+import structlog
+
+from engines.errors import ConfigError, LineguardError
+from stream.bus import Bus
+from stream.metrics import get_metrics
+from stream.protocol import ENTRY_FIELD, Encoding, Frame, encode, make_frame
+from stream.settings import Settings
+from stream.sources import Capture, Recorder, Source
+from stream.worker import StopFlag, line_key
+
+log = structlog.get_logger("lineguard.ingest")
+
+# KEYS[1] frames stream, KEYS[2] next-seq key, KEYS[3] last-send marker.
+# ARGV: expected seq, field, payload, maxlen, sender token.
+_SEND_LUA = """
+local stored = redis.call('GET', KEYS[2])
+local cur = tonumber(stored or '0')
+local mark = ARGV[5] .. ' ' .. ARGV[1] .. ' '
+if cur ~= tonumber(ARGV[1]) then
+  if stored and cur == tonumber(ARGV[1]) + 1 then
+    local last = redis.call('GET', KEYS[3])
+    if last and string.sub(last, 1, #mark) == mark then
+      return string.sub(last, #mark + 1)
+    end
+  end
+  if not stored then return redis.error_reply('SEQLOST') end
+  return redis.error_reply('SEQCONFLICT ' .. tostring(cur))
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', ARGV[2], ARGV[3])
+redis.call('SET', KEYS[2], cur + 1)
+redis.call('SET', KEYS[3], mark .. id)
+return id
+"""
+
+
+class SeqConflictError(LineguardError):
+    """Another producer advanced this camera's sequence number."""
+
+
+def bundle_input_size(path: str | Path) -> int:
+    """The square input size a bundle expects, read from its manifest without loading torch."""
+    manifest = Path(path) / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read {manifest} ({exc}); pass --bundle pointing at a lineguard bundle, "
+            "or the input size with --size"
+        ) from None
+    size: Any = (data.get("model") or {}).get("input_size")
+    if size is None:
+        size = ((data.get("preprocessing") or {}).get("input_size") or [None])[0]
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"{manifest} names no input size; pass --size")
+    return size
+
+
+def resize_to(image: np.ndarray, size: int | None) -> np.ndarray:
+    """Resize the full frame to ``size``×``size`` (the model's own resize is not aspect-keeping
+    either, so the two agree); area interpolation when shrinking avoids aliasing."""
+    if size is None:
+        return image
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interp)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    frame: Frame
+    entry_id: str
+    name: str
+
+
+class Ingestor:
+    """Sends images of one camera to the frames stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        camera: str,
+        size: int | None = None,
+        encoding: Encoding = "jpeg",
+        jpeg_quality: int = 90,
+        max_len: int = 1000,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.bus = bus
+        self.camera = camera
+        self.size = size
+        self.encoding: Encoding = encoding
+        self.jpeg_quality = jpeg_quality
+        self.max_len = max_len
+        self.recorder = recorder
+        self.seq_key = line_key(bus, "seq", camera)
+        self.sent_key = line_key(bus, "sent", camera)
+        self.token = uuid.uuid4().hex
+        self._script = bus.client.register_script(_SEND_LUA)
+        self.next_seq = int(bus.client.get(self.seq_key) or 0)
+        self.sent = 0
+        self._metrics = get_metrics()
+
+    @classmethod
+    def from_settings(
+        cls,
+        bus: Bus,
+        settings: Settings,
+        *,
+        size: int | None,
+        recorder: Recorder | None = None,
+    ) -> Ingestor:
+        return cls(
+            bus,
+            camera=settings.line.camera,
+            size=size,
+            encoding=settings.ingest.encoding,
+            jpeg_quality=settings.ingest.jpeg_quality,
+            max_len=settings.ingest.max_len,
+            recorder=recorder,
+        )
+
+    def send(self, image: np.ndarray, *, t_capture: float | None = None, name: str = "") -> Sent:
+        """Resize, encode and append one image; returns the frame and its stream entry id."""
+        t_cap = time.time() if t_capture is None else t_capture
+        pixels = resize_to(image, self.size)
+        seq = self.next_seq
+        frame = make_frame(
+            self.bus.line,
+            self.camera,
+            seq,
+            pixels,
+            encoding=self.encoding,
+            jpeg_quality=self.jpeg_quality,
+            t_capture=t_cap,
+        )
+        payload = encode(frame, self.bus.limits)
+        try:
+            entry_id = self._script(
+                keys=[self.bus.key("frames"), self.seq_key, self.sent_key],
+                args=[seq, ENTRY_FIELD, payload, self.max_len, self.token],
+            )
+        except redis.ResponseError as exc:
+            if "SEQLOST" in str(exc):
+                raise SeqConflictError(
+                    f"the sequence counter of camera {self.camera!r} vanished from Redis while "
+                    f"this ingest was at seq {seq} (server restarted without persistence, or "
+                    "keys deleted); restart the line's workers so all stages start afresh, and "
+                    "enable AOF (LINEGUARD_REDIS__EMBEDDED_APPENDONLY or appendonly yes)"
+                ) from None
+            if "SEQCONFLICT" not in str(exc):
+                raise
+            stored = str(exc).rsplit(" ", 1)[-1]
+            raise SeqConflictError(
+                f"camera {self.camera!r} of line {self.bus.line!r} is fed by another ingest "
+                f"(next seq in Redis is {stored}, this one expected {seq}); give every ingest "
+                "its own camera id (--camera / LINEGUARD_LINE__CAMERA)"
+            ) from None
+        self.next_seq = seq + 1
+        self.sent += 1
+        if self.recorder is not None:
+            self.recorder.write(pixels, camera=self.camera, seq=seq, t_capture=t_cap, source=name)
+        self._metrics.frames_out.labels("ingest").inc()
+        self._metrics.stage_seconds.labels("ingest").observe(max(0.0, time.time() - t_cap))
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return Sent(frame, eid, name)
+
+
+class Pacer:
+    """Holds a fixed frame rate on an absolute schedule (no drift); None = as fast as possible.
+
+    If the sender falls more than a second behind (a slow disk, a paused process) the schedule
+    restarts instead of bursting to catch up, as a camera would.
+    """
+
+    def __init__(self, fps: float | None, stop: StopFlag | None = None) -> None:
+        if fps is not None and fps <= 0:
+            raise ConfigError(f"rate {fps} must be a positive number of frames per second")
+        self.period = None if fps is None else 1.0 / fps
+        self.stop = stop
+        self._t0: float | None = None
+        self._n = 0
+
+    def wait(self) -> None:
+        if self.period is None:
+            return
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0, self._n = now, 0
+        due = self._t0 + self._n * self.period
+        if now - due > 1.0:
+            self._t0, self._n, due = now, 0, now
+        delay = due - now
+        if delay > 0:
+            if self.stop is not None:
+                self.stop.wait(delay)
+            else:
+                time.sleep(delay)
+        self._n += 1
+
+
+class IngestStage:
+    """``run_worker`` stage that sends every capture of ``source`` (a worker of its own)."""
+
+    name = "ingest"
+
+    def __init__(
+        self,
+        bus: Bus,
+        settings: Settings,
+        source: Source,
+        *,
+        size: int | None,
+        fps: float | None = None,
+        record: str | Path | None = None,
+        limit: int | None = None,
+        stop: StopFlag | None = None,
+    ) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.source = source
+        self.size = size
+        self.consumer = f"{settings.line.camera}"
+        self.limit = limit
+        self.recorder = Recorder(record) if record is not None else None
+        self.ingestor = Ingestor.from_settings(bus, settings, size=size, recorder=self.recorder)
+        self.pacer = Pacer(fps if fps is not None else settings.ingest.fps, stop)
+        self._captures = iter(source)
+        self._exhausted = False
+        self._unsent: tuple[Capture, float] | None = None
+        self.first_seq: int | None = None
+
+    def setup(self) -> None:
+        log.info(
+            "ingest.start",
+            source=self.source.describe(),
+            camera=self.ingestor.camera,
+            next_seq=self.ingestor.next_seq,
+            size=self.size,
+            encoding=self.ingestor.encoding,
+        )
+
+    def step(self) -> int:
+        if self._exhausted:
+            return 0
+        if self.limit is not None and self.ingestor.sent >= self.limit:
+            self._exhausted = True
+            return 0
+        if self._unsent is None:
+            self.pacer.wait()
+            try:
+                capture: Capture = next(self._captures)
+            except StopIteration:
+                self._exhausted = True
+                return 0
+            # kept until handed over: a Redis outage makes run_worker call step() again,
+            # and the same capture (same capture time) is sent then instead of being skipped
+            self._unsent = (capture, time.time())
+        capture, t_capture = self._unsent
+        sent = self.ingestor.send(capture.image, t_capture=t_capture, name=capture.name)
+        self._unsent = None
+        if self.first_seq is None:
+            self.first_seq = sent.frame.seq
+        return 1
+
+    def done(self) -> bool:
+        return self._exhausted
+
+    def teardown(self) -> None:
+        self.source.close()
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "camera": self.ingestor.camera,
+            "sent": self.ingestor.sent,
+            "next_seq": self.ingestor.next_seq,
+        }

@@ -1,0 +1,482 @@
+"""The one settings tree for the line: environment, ``.env`` and CLI flags, validated once.
+
+Every knob a worker reads lives here, so a typo or a contradictory pair of values stops the
+process at start-up with a message naming the environment variable to fix, instead of
+surfacing later as a Redis timeout or a silent drop. Precedence, highest first: CLI overrides
+(``Settings.load(overrides)``), environment (``LINEGUARD_<SECTION>__<FIELD>``), ``.env``,
+defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from engines.errors import ConfigError
+
+ENV_PREFIX = "LINEGUARD_"
+ENV_NESTED_DELIMITER = "__"
+
+# Line and camera ids end up inside Redis keys ("{line}" is the Cluster hash tag) and frame keys
+# ("line/camera/seq"), so braces, slashes, colons and whitespace are refused up front.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_URL_SCHEMES = ("redis", "rediss", "unix")
+_SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd"})
+
+
+def env_var(*loc: str | int) -> str:
+    """Name the environment variable that sets the field at ``loc`` (e.g. infer, max_batch)."""
+    parts = [str(p).upper() for p in loc if str(p)]
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts)
+
+
+def redacted_url(url: str | None) -> str | None:
+    """Return ``url`` with any password replaced by ``***`` so it can be logged or shown.
+
+    Handles ``redis://user:pass@host``, ``rediss://:pass@host``, ``unix://:pass@/path`` and
+    a ``?password=`` query argument (redis-py accepts all of them). A string that cannot be
+    parsed is replaced entirely: better an unhelpful log line than a leaked credential.
+    """
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, sep, _password = userinfo.partition(":")
+            netloc = f"{user}:***@{hostport}" if sep else f"{user}@{hostport}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode(
+                [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs],
+                safe="*",
+            )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparseable url>"
+
+
+def _url_has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    if "@" in parts.netloc and ":" in parts.netloc.rpartition("@")[0]:
+        return True
+    return any(k.lower() in _SECRET_QUERY_KEYS for k, _ in parse_qsl(parts.query))
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '.' or '-' "
+            "(it becomes part of Redis keys and frame keys)"
+        )
+    return value
+
+
+class _Section(BaseModel):
+    """Base for sections: unknown keys are errors, so ``LINEGUARD_INFER__MAX_BACH`` is caught."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class RedisSettings(_Section):
+    """Where the bus lives and how hard to try reaching it."""
+
+    url: str | None = Field(
+        default=None,
+        description="redis://, rediss:// or unix:// URL; unset = start an embedded Valkey",
+    )
+    username: SecretStr | None = None
+    password: SecretStr | None = None
+    socket_timeout: float = Field(
+        default=5.0, gt=0, le=3600, description="seconds; must exceed every BLOCK"
+    )
+    connect_timeout: float = Field(default=5.0, gt=0, le=600, description="seconds")
+    retries: int = Field(default=5, ge=0, le=100, description="retries per command on I/O errors")
+    backoff_base: float = Field(default=0.05, gt=0, le=60, description="seconds")
+    backoff_cap: float = Field(default=2.0, gt=0, le=600, description="seconds")
+    wait_timeout: float = Field(
+        default=30.0, ge=0, le=3600, description="seconds to wait for the server at start-up"
+    )
+    key_prefix: str = Field(default="lineguard", min_length=1, max_length=64)
+    dead_max_len: int = Field(default=10_000, ge=1, description="MAXLEN ~ of the dead stream")
+    embedded_dir: Path | None = Field(
+        default=None, description="data dir of the embedded Valkey; unset = a temp dir"
+    )
+    embedded_appendonly: bool = Field(
+        default=False, description="AOF persistence for the embedded Valkey"
+    )
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _blank_url_is_none(cls, value: Any) -> Any:
+        # "LINEGUARD_REDIS__URL=" in a .env file reads as "use the embedded server".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = urlsplit(value).scheme.lower()
+        if scheme not in _URL_SCHEMES:
+            raise ValueError(
+                f"URL scheme {scheme!r} is not supported; use one of "
+                + ", ".join(f"{s}://" for s in _URL_SCHEMES)
+            )
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_chars(cls, value: str) -> str:
+        if any(c in value for c in "{} \t\r\n"):
+            raise ValueError("key prefix must not contain braces or whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> RedisSettings:
+        # redis-py lets credentials in the URL silently beat the keyword argument; two
+        # sources for one secret is a misconfiguration waiting to happen, so refuse it.
+        if self.url is not None and self.password is not None and _url_has_password(self.url):
+            raise ValueError(
+                "a password is set both in LINEGUARD_REDIS__URL and in "
+                "LINEGUARD_REDIS__PASSWORD; keep only one of them"
+            )
+        if self.backoff_cap < self.backoff_base:
+            raise ValueError(
+                f"LINEGUARD_REDIS__BACKOFF_CAP={self.backoff_cap} is below "
+                f"LINEGUARD_REDIS__BACKOFF_BASE={self.backoff_base}; raise the cap"
+            )
+        return self
+
+    def __repr_args__(self) -> Any:
+        # The URL may carry a password; pydantic's repr would print it verbatim.
+        for name, value in super().__repr_args__():
+            yield name, (redacted_url(value) if name == "url" else value)
+
+
+class LineSettings(_Section):
+    """Which line and camera this process speaks for."""
+
+    id: str = "line1"
+    camera: str = "cam0"
+
+    @field_validator("id")
+    @classmethod
+    def _line_name(cls, value: str) -> str:
+        return _check_name(value, "line id")
+
+    @field_validator("camera")
+    @classmethod
+    def _camera_name(cls, value: str) -> str:
+        return _check_name(value, "camera id")
+
+
+class IngestSettings(_Section):
+    """How frames are encoded and how many the frames stream keeps."""
+
+    max_len: int = Field(default=1000, ge=1, description="MAXLEN ~ of the frames stream")
+    encoding: Literal["raw", "jpeg", "png"] = "jpeg"
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    fps: float | None = Field(
+        default=None, gt=0, le=10_000, description="pace of replay; unset = as fast as possible"
+    )
+
+
+class InferSettings(_Section):
+    """Dynamic batching and redelivery policy of the infer stage."""
+
+    group: str = "infer"
+    max_batch: int = Field(default=8, ge=1, le=4096)
+    max_delay_ms: int = Field(default=5, ge=0, le=60_000)
+    batch_buckets: Annotated[tuple[int, ...], NoDecode] = (1, 2, 4, 8)
+    block_ms: int = Field(default=1000, ge=1)
+    reclaim_idle_ms: int = Field(default=30_000, ge=1)
+    reclaim_interval_ms: int = Field(default=5_000, ge=1)
+    max_deliveries: int = Field(default=3, ge=1, le=1000)
+    scores_max_len: int = Field(default=10_000, ge=1, description="MAXLEN ~ of the scores stream")
+
+    @field_validator("group")
+    @classmethod
+    def _group_name(cls, value: str) -> str:
+        return _check_name(value, "consumer group")
+
+    @field_validator("batch_buckets", mode="before")
+    @classmethod
+    def _parse_buckets(cls, value: Any) -> Any:
+        # Accept "1,2,4,8" and "[1,2,4,8]" from the environment as well as real sequences.
+        if isinstance(value, str):
+            text = value.strip().strip("[]()")
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _sorted_buckets(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("at least one batch bucket is required, e.g. 1,2,4,8")
+        if any(b < 1 for b in value):
+            raise ValueError(f"batch buckets must be ≥ 1, got {list(value)}")
+        if list(value) != sorted(set(value)):
+            raise ValueError(f"batch buckets must be strictly increasing, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> InferSettings:
+        if self.max_batch > self.batch_buckets[-1]:
+            raise ValueError(
+                f"LINEGUARD_INFER__MAX_BATCH={self.max_batch} exceeds the largest batch bucket "
+                f"{self.batch_buckets[-1]} (LINEGUARD_INFER__BATCH_BUCKETS="
+                f"{','.join(map(str, self.batch_buckets))}); lower max_batch or add a bucket"
+            )
+        if self.reclaim_idle_ms <= self.max_delay_ms:
+            raise ValueError(
+                f"LINEGUARD_INFER__RECLAIM_IDLE_MS={self.reclaim_idle_ms} must exceed "
+                f"LINEGUARD_INFER__MAX_DELAY_MS={self.max_delay_ms}, or peers would steal "
+                "batches that are still being formed; raise it above the worst batch time"
+            )
+        return self
+
+
+class DecideSettings(_Section):
+    """Read policy of the decide stage and how long verdicts are remembered for deduplication."""
+
+    group: str = "decide"
+    count: int = Field(default=64, ge=1, le=10_000, description="entries per read")
+    block_ms: int = Field(default=1000, ge=1)
+    reclaim_idle_ms: int = Field(default=30_000, ge=1)
+    max_deliveries: int = Field(default=3, ge=1, le=1000)
+    events_max_len: int = Field(default=100_000, ge=1, description="MAXLEN ~ of events")
+    dedup_ttl_s: int = Field(default=3600, ge=1, description="how long a frame key is remembered")
+
+    @field_validator("group")
+    @classmethod
+    def _group_name(cls, value: str) -> str:
+        return _check_name(value, "consumer group")
+
+
+class LimitsSettings(_Section):
+    """Upper bounds applied to every message read from the bus (hostile-input guard)."""
+
+    max_frame_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=1024**3)
+    max_image_side: int = Field(default=8192, ge=16, le=65_535)
+    max_string_len: int = Field(default=256, ge=8, le=65_536)
+    max_text_len: int = Field(
+        default=2048, ge=8, le=1_048_576, description="free text: error and reason fields"
+    )
+    max_entries: int = Field(
+        default=64, ge=1, le=10_000, description="entries in a scores/timings dict"
+    )
+
+
+class MetricsSettings(_Section):
+    """Prometheus endpoint; unset port = no endpoint."""
+
+    port: int | None = Field(default=None, ge=1, le=65_535)
+    addr: str = "0.0.0.0"
+
+
+class LogSettings(_Section):
+    """structlog output. ``format=auto`` is console on a TTY and JSON otherwise."""
+
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """Everything one lineguard process needs to know, validated as a whole."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        nested_model_default_partial_update=True,
+        frozen=True,
+    )
+
+    redis: RedisSettings = RedisSettings()
+    line: LineSettings = LineSettings()
+    ingest: IngestSettings = IngestSettings()
+    infer: InferSettings = InferSettings()
+    decide: DecideSettings = DecideSettings()
+    limits: LimitsSettings = LimitsSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _blocks_below_socket_timeout(self) -> Settings:
+        # redis-py 8 gives every socket a 5 s read timeout; a BLOCK at or near it turns an
+        # idle line into TimeoutError storms. Demand a clear margin (at most half).
+        limit_ms = self.redis.socket_timeout * 1000 / 2
+        for section in ("infer", "decide"):
+            block_ms = getattr(self, section).block_ms
+            if block_ms > limit_ms:
+                raise ValueError(
+                    f"{env_var(section, 'block_ms')}={block_ms} must be at most half of "
+                    f"LINEGUARD_REDIS__SOCKET_TIMEOUT={self.redis.socket_timeout} s "
+                    f"({limit_ms:.0f} ms), or blocked reads time out on the client first; "
+                    "lower block_ms or raise socket_timeout"
+                )
+        return self
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        env_file: str | Path | None = ".env",
+    ) -> Settings:
+        """Build validated settings from defaults, ``.env``, environment and ``overrides``.
+
+        ``overrides`` come from CLI flags: keys may be dotted (``"infer.max_batch"``) or nested
+        dicts; a value of ``None`` means "flag not given" and is skipped. Any problem raises a
+        ``ConfigError`` naming the environment variables to fix.
+        """
+        nested = nest_overrides(overrides or {})
+        try:
+            return cls(_env_file=env_file, **nested)  # type: ignore[call-arg]
+        except ValidationError as exc:
+            raise settings_error(exc) from None
+        except SettingsError as exc:
+            raise ConfigError(
+                f"could not read lineguard settings: {exc}. Values of sections such as "
+                "LINEGUARD_INFER must be JSON objects; prefer one variable per field, e.g. "
+                "LINEGUARD_INFER__MAX_BATCH=8"
+            ) from None
+
+    def redacted(self) -> dict[str, Any]:
+        """A JSON-ready dump safe to log: secrets masked, the URL's password replaced."""
+        data = self.model_dump(mode="json")
+        data["redis"]["url"] = redacted_url(self.redis.url)
+        return data
+
+
+def nest_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn ``{"infer.max_batch": 4, "redis": {"url": ...}}`` into one nested dict.
+
+    Unknown sections or fields raise ``ConfigError`` here, because the root model ignores
+    unknown keys (so unrelated ``LINEGUARD_*`` variables do not break start-up) and a mistyped
+    CLI override would otherwise vanish without a trace.
+    """
+    result: dict[str, Any] = {}
+
+    def put(path: list[str], value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, Mapping):
+            for key, sub in value.items():
+                put([*path, *_split_key(str(key))], sub)
+            return
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {'.'.join(path)} conflicts with a value already given for "
+                    f"{part}; pass each setting once"
+                )
+            node = child
+        node[path[-1]] = value
+
+    for key, value in overrides.items():
+        put(_split_key(str(key)), value)
+
+    sections = Settings.model_fields
+    for section, fields in result.items():
+        if section not in sections:
+            raise ConfigError(
+                f"unknown settings section {section!r} in overrides; known sections: "
+                + ", ".join(sections)
+            )
+        model = sections[section].annotation
+        if isinstance(fields, dict) and isinstance(model, type) and issubclass(model, BaseModel):
+            for name in fields:
+                if name not in model.model_fields:
+                    raise ConfigError(
+                        f"unknown setting {section}.{name} in overrides; known fields of "
+                        f"{section}: " + ", ".join(model.model_fields)
+                    )
+    return result
+
+
+def _split_key(key: str) -> list[str]:
+    parts = [p.strip().lower().replace("-", "_") for p in key.replace("__", ".").split(".")]
+    if not all(parts):
+        raise ConfigError(f"override key {key!r} has an empty part; use e.g. 'infer.max_batch'")
+    return parts
+
+
+_SECRET_FIELDS = frozenset({"password", "username"})
+
+
+def settings_error(exc: ValidationError) -> ConfigError:
+    """Condense a pydantic ``ValidationError`` into one paragraph a plant operator can act on.
+
+    Each problem names the environment variable, the offending value (masked for secrets) and
+    pydantic's reason; the paragraph ends with where such values come from.
+    """
+    problems: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc: tuple[str, ...] = ()
+        for part in err.get("loc", ()):
+            if isinstance(part, int):
+                break  # an item of a list setting: name the whole variable
+            loc = (*loc, str(part))
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid value"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if not loc or (kind == "value_error" and ENV_PREFIX in msg):
+            # Cross-field checks already name every variable involved.
+            problems.append(msg)
+            continue
+        name = env_var(*loc)
+        if kind == "extra_forbidden":
+            problems.append(f"{name} is not a known setting")
+            continue
+        value = err.get("input")
+        if loc[-1] in _SECRET_FIELDS:
+            shown = "***"
+        elif loc[-1] == "url" and isinstance(value, str):
+            shown = repr(redacted_url(value))
+        elif kind == "missing" or isinstance(value, dict):
+            shown = ""
+        elif isinstance(value, str):
+            # Environment values are strings: show them as typed unless that would be ambiguous.
+            simple = value and len(value) < 80 and not any(c.isspace() for c in value)
+            shown = value if simple else repr(value) if len(value) < 80 else "<long value>"
+        else:
+            shown = repr(value)
+        problems.append(f"{name}={shown}: {msg}" if shown else f"{name}: {msg}")
+    count = len(problems)
+    return ConfigError(
+        f"invalid lineguard settings ({count} problem{'s' if count != 1 else ''}): "
+        + "; ".join(problems)
+        + ". Fix these environment variables (or the same names in .env, or the matching "
+        "CLI flags)."
+    )

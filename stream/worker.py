@@ -1,0 +1,277 @@
+"""The loop every stage shares: set up, step until told to stop, drain, tear down.
+
+A stage (ingest, infer, decide) implements ``setup()`` (load the bundle, warm up, create its
+consumer group), ``step()`` (read, process, write and acknowledge one batch; returns how many
+entries it handled) and ``teardown()``. ``run_worker`` adds what they have in common:
+
+* **Drain on SIGTERM/SIGINT**: the signal only sets a flag. The batch in flight is finished,
+  written and acknowledged before the loop ends, and every blocking read is short (``block_ms``
+  ≤ half the socket timeout), so a worker exits within about a second of the signal. A second
+  SIGINT interrupts at once.
+* **Heartbeat**: ``<prefix>:{line}:health:<stage>:<consumer>`` holds a small JSON status with
+  a TTL; ``lineguard health`` turns the keys into an exit code. A clean exit deletes the key.
+* **Transient Redis failures** (after redis-py's own retries) are logged and retried with a
+  capped backoff rather than killing the worker; a stage with a ``recover()`` method is told,
+  so it can re-read what it held unacknowledged. Anything else is a bug and propagates, the
+  process dies, and a peer reclaims its pending entries.
+* **Burst mode** ends the loop once ``done()`` says the stage has nothing left (tests,
+  ``--burst``, replays).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import redis
+import structlog
+
+from stream.bus import Bus
+from stream.logs import bind_worker
+
+log = structlog.get_logger("lineguard.worker")
+
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 10
+_MAX_BACKOFF_S = 5.0
+
+
+def line_key(bus: Bus, *parts: str) -> str:
+    """An auxiliary key of the bus's line, hash-tagged like its streams (same Cluster slot)."""
+    return f"{bus.prefix}:{{{bus.line}}}:" + ":".join(parts)
+
+
+def health_pattern(bus: Bus, stage: str = "*") -> str:
+    return line_key(bus, "health", stage, "*")
+
+
+class Stage(Protocol):
+    """What ``run_worker`` drives; see the module docstring."""
+
+    name: str
+    consumer: str
+
+    def setup(self) -> None: ...
+
+    def step(self) -> int: ...
+
+    def teardown(self) -> None: ...
+
+    def done(self) -> bool:
+        """Burst mode: True once there is nothing left for this stage to do."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot for the heartbeat (counters, model version, ...)."""
+        ...
+
+
+class StopFlag:
+    """A threading.Event that signal handlers can set; shared by workers of one process."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signals = 0
+
+    def set(self) -> None:
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self.event.wait(timeout)
+
+
+class signals_stop:
+    """Context manager: SIGTERM/SIGINT set ``flag`` instead of killing the process.
+
+    Only the main thread may install handlers; elsewhere this does nothing. A second SIGINT
+    raises ``KeyboardInterrupt`` so an operator can always get out.
+    """
+
+    def __init__(self, flag: StopFlag) -> None:
+        self.flag = flag
+        self._saved: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.flag.signals += 1
+        if signum == signal.SIGINT and self.flag.signals > 1:
+            raise KeyboardInterrupt
+        log.info("worker.stopping", signal=signal.Signals(signum).name)
+        self.flag.set()
+
+    def __enter__(self) -> signals_stop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+
+
+class Heartbeat:
+    """Writes the stage's health key every ``interval_s``; deleted on a clean stop."""
+
+    def __init__(self, bus: Bus, stage: Stage, *, interval_s: float, ttl_s: int) -> None:
+        self.bus = bus
+        self.stage = stage
+        self.interval_s = interval_s
+        self.ttl_s = max(1, int(ttl_s))
+        self.key = line_key(bus, "health", stage.name, stage.consumer)
+        self._last = 0.0
+        self._started = time.time()
+
+    def beat(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
+            return
+        self._last = now
+        payload = {
+            "stage": self.stage.name,
+            "consumer": self.stage.consumer,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self._started,
+            "t": time.time(),
+            **self.stage.status(),
+        }
+        self.bus.client.set(self.key, json.dumps(payload, default=str), ex=self.ttl_s)
+
+    def clear(self) -> None:
+        try:
+            self.bus.client.delete(self.key)
+        except redis.RedisError as exc:
+            log.warning("worker.heartbeat_clear_failed", error=str(exc))
+
+
+def run_worker(
+    stage: Stage,
+    bus: Bus,
+    *,
+    stop: StopFlag | None = None,
+    burst: bool = False,
+    handle_signals: bool = True,
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+    heartbeat_ttl_s: int = HEARTBEAT_TTL_S,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Run ``stage`` until ``stop`` is set (or, with ``burst``, until it is done).
+
+    Returns the number of entries handled. ``on_ready`` is called once set-up has finished
+    (the bundle is loaded and warm), which is what ``lineguard run`` waits for.
+    """
+    flag = stop or StopFlag()
+    bind_worker(stage.name, stage.consumer)
+    handled = 0
+    with signals_stop(flag) if handle_signals else nullcontext():
+        stage.setup()
+        heartbeat = Heartbeat(bus, stage, interval_s=heartbeat_interval_s, ttl_s=heartbeat_ttl_s)
+        log.info("worker.ready", **_short_status(stage))
+        if on_ready is not None:
+            on_ready()
+        backoff = 0.1
+        try:
+            heartbeat.beat(force=True)
+            while not flag.is_set():
+                try:
+                    n = stage.step()
+                    heartbeat.beat()
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning(
+                        "worker.redis_unavailable",
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry_in_s=round(backoff, 2),
+                    )
+                    flag.wait(backoff)
+                    backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                    recover = getattr(stage, "recover", None)
+                    if recover is not None:
+                        recover()
+                    continue
+                backoff = 0.1
+                handled += n
+                if burst and n == 0 and stage.done():
+                    log.info("worker.burst_done", handled=handled)
+                    break
+        finally:
+            heartbeat.clear()
+            stage.teardown()
+            log.info("worker.stopped", handled=handled, **_short_status(stage))
+    return handled
+
+
+def _short_status(stage: Stage) -> dict[str, Any]:
+    try:
+        return {k: v for k, v in stage.status().items() if not isinstance(v, dict | list)}
+    except Exception:  # status is for logs only; never fail a stop because of it
+        return {}
+
+
+class BundleWatcher:
+    """Notices when the bundle at ``path`` was replaced, cheaply, between batches.
+
+    ``save_bundle`` swaps whole directories by rename, so the manifest's inode, size and
+    mtime change together; a stat every ``interval_s`` is enough. While the path is briefly
+    missing during the swap, nothing is reported. A change is reported once: if loading the
+    new bundle fails, the worker keeps the old one until the manifest changes again.
+    """
+
+    def __init__(self, path: str | Path, interval_s: float = 2.0) -> None:
+        self.path = Path(path)
+        self.interval_s = interval_s
+        self._signature = self._stat()
+        self._next = time.monotonic() + interval_s
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = (self.path / "manifest.json").stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def changed(self, *, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return False
+        self._next = now + self.interval_s
+        sig = self._stat()
+        if sig is None or sig == self._signature:
+            return False
+        self._signature = sig
+        return True
+
+
+def health_report(bus: Bus) -> list[dict[str, Any]]:
+    """Every live heartbeat of the line (expired keys are gone, so these are the live ones)."""
+    out: list[dict[str, Any]] = []
+    keys = sorted(bus.client.scan_iter(match=health_pattern(bus), count=500))
+    if not keys:
+        return out
+    values = bus.client.mget(keys)
+    for key, raw in zip(keys, values, strict=True):
+        if raw is None:
+            continue
+        try:
+            item = json.loads(raw)
+        except (ValueError, TypeError):
+            item = {}
+        if not isinstance(item, dict):
+            item = {}
+        item.setdefault("key", key.decode() if isinstance(key, bytes) else str(key))
+        ttl = bus.client.ttl(key)
+        item["ttl_s"] = int(ttl) if ttl is not None else None
+        out.append(item)
+    return out

@@ -1,0 +1,131 @@
+"""The ``lineguard`` commands through Typer's CliRunner, against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stream.bus import Bus
+from stream.cli import app
+from stream.protocol import Event
+from stream.worker import Heartbeat
+from tests.stream.pipeline_helpers import all_events, split_bundle, write_folder
+
+COMMANDS = [
+    ["run"], ["ingest"], ["infer"], ["decide"], ["replay"], ["events"], ["health"], ["demo"],
+    ["bench", "e2e"], ["bench", "model"],
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No LINEGUARD_* from the developer's shell and no stray .env in the working dir."""
+    for name in list(os.environ):
+        if name.upper().startswith("LINEGUARD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+def env_for(bus: Bus, url: str, **extra: str) -> dict[str, str]:
+    return {
+        "LINEGUARD_REDIS__URL": url,
+        "LINEGUARD_REDIS__KEY_PREFIX": bus.prefix,
+        "LINEGUARD_LOG__LEVEL": "warning",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "needle"),
+    [
+        ({"LINEGUARD_INFER__MAX_BATCH": "0"}, ["infer", "-b", "b"], "INFER__MAX_BATCH"),
+        ({"LINEGUARD_REDIS__URL": "http://x"}, ["health"], "LINEGUARD_REDIS__URL"),
+        ({}, ["infer", "--bundle", "b", "--max-delay-ms", "-3"], "LINEGUARD_INFER__MAX_DELAY_MS"),
+        ({}, ["events"], "LINEGUARD_REDIS__URL"),
+        ({}, ["replay", "somewhere"], "LINEGUARD_REDIS__URL"),
+        ({}, ["run", "--bundle", "nope", "--source", "x"], "nope"),
+        ({}, ["bench", "e2e", "--rate", "fast"], "rate"),
+    ],
+)  # fmt: skip
+def test_bad_settings_give_one_readable_line(
+    env: dict[str, str], args: list[str], needle: str
+) -> None:
+    result = CliRunner(env=env).invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert needle in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_health_reflects_worker_heartbeats(bus: Bus, redis_url: str) -> None:
+    runner = CliRunner(env=env_for(bus, redis_url))
+    result = runner.invoke(app, ["health"])
+    assert result.exit_code == 1
+    assert "no live worker for infer, decide" in result.output
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name, self.consumer = name, f"{name}-0"
+
+        def status(self) -> dict[str, object]:
+            return {"model": "m-1"}
+
+    beats = [Heartbeat(bus, Fake(s), interval_s=1, ttl_s=5) for s in ("infer", "decide")]  # type: ignore[arg-type]
+    for b in beats:
+        b.beat(force=True)
+    result = runner.invoke(app, ["health", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ok"] and {w["stage"] for w in data["workers"]} == {"infer", "decide"}
+    beats[1].clear()  # decide went away
+    assert runner.invoke(app, ["health", "--stage", "infer"]).exit_code == 0
+    assert runner.invoke(app, ["health"]).exit_code == 1
+
+
+def test_events_prints_the_last_ones_as_json(bus: Bus, redis_url: str) -> None:
+    for seq, verdict in enumerate(("pass", "fail", "uninspected")):
+        score = None if verdict == "uninspected" else 1.0
+        ev = Event(
+            "line1", "cam0", seq, verdict, score, None if score is None else 0.5, {}, "m-1",  # type: ignore[arg-type]
+            {"total": 0.01}, "" if verdict == "pass" else "why", time.time(), time.time(),
+        )  # fmt: skip
+        bus.add("events", ev)
+    result = CliRunner(env=env_for(bus, redis_url)).invoke(app, ["events", "--json", "--last", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in result.output.splitlines()]
+    assert [(r["seq"], r["verdict"]) for r in rows] == [(1, "fail"), (2, "uninspected")]
+    plain = CliRunner(env=env_for(bus, redis_url)).invoke(app, ["events"])
+    assert "line1/cam0/000000001" in plain.output and "fail" in plain.output
+
+
+def test_run_command_end_to_end(bus: Bus, redis_url: str, tmp_path: Path) -> None:
+    split = split_bundle()
+    labels = write_folder(tmp_path / "frames", lambda i: i % 4 == 0, 12)
+    out = tmp_path / "run.json"
+    result = CliRunner(env=env_for(bus, redis_url)).invoke(
+        app,
+        ["run", "--bundle", str(split.path), "--source", str(tmp_path / "frames"),
+         "--encoding", "png", "--record", str(tmp_path / "rec"), "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["sent"] == 12 and data["missing"] == 0 and data["duplicates"] == 0
+    assert data["verdicts"]["fail"] == sum(labels) and data["verdicts"]["pass"] == 12 - sum(labels)
+    assert "line1/cam0/000000000" in result.output  # rejects are printed as they arrive
+    assert len(all_events(bus)) == 12
+    assert len((tmp_path / "rec" / "index.jsonl").read_text().splitlines()) == 12

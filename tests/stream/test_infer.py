@@ -1,0 +1,187 @@
+"""The infer stage driven step by step against a real server (no threads, no mocks)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.errors import ConfigError
+from engines.model import Outputs
+from stream.bus import Bus
+from stream.infer import InferStage, entry_time, resolve_runtime
+from stream.ingest import Ingestor
+from stream.protocol import ENTRY_FIELD, Frame, Scores, decode_scores, encode
+from tests.stream.pipeline_helpers import BAD, GOOD, SIZE, settings_for, split_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_scores(bus: Bus) -> list[Scores]:
+    return [decode_scores(f[ENTRY_FIELD]) for _id, f in bus.client.xrange(bus.key("scores"))]
+
+
+def make_stage(bus: Bus, url: str, bundle: Path | None = None, **kw: object) -> InferStage:
+    overrides: dict[str, object] = {"infer.block_ms": 100}  # idle steps return quickly
+    overrides.update({k: v for k, v in kw.items() if "." in k or "__" in k})
+    options = {k: v for k, v in kw.items() if k not in overrides}
+    settings = settings_for(bus, url, **overrides)
+    stage = InferStage(
+        bus, settings, bundle or split_bundle().path, runtime="onnxruntime", consumer="t",
+        **options,  # type: ignore[arg-type]
+    )  # fmt: skip
+    stage.setup()
+    return stage
+
+
+def drain(stage: InferStage, steps: int = 10) -> None:
+    for _ in range(steps):
+        if stage.step() == 0:
+            return
+
+
+def test_batch_scores_every_frame_with_version_timings_and_maps(bus: Bus, redis_url: str) -> None:
+    stage = make_stage(bus, redis_url, maps=True)
+    ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="jpeg")
+    for i in range(5):
+        ing.send(BAD if i == 2 else GOOD)
+    drain(stage)
+    out = read_scores(bus)
+    assert [s.seq for s in out] == list(range(5))
+    assert all(s.error is None and s.model == split_bundle().version for s in out)
+    assert set(out[0].raw) == {"patch_hist", "lgst"}
+    assert out[2].raw["lgst"] > out[0].raw["lgst"]
+    t = out[0].timings
+    assert {"t_queued", "t_read", "t_scored", "queue", "forward", "batch"} <= set(t)
+    assert t["t_queued"] <= t["t_read"] <= t["t_scored"]
+    assert t["batch"] == 5  # the five frames were one dynamic batch
+    assert out[0].amap is not None and out[0].amap.shape == (SIZE // 4, SIZE // 4)
+    assert bus.pending("frames", "infer") == []  # acknowledged with the results
+    assert stage.status()["frames"] == 5
+
+
+def test_undecodable_image_is_that_frames_error_and_bad_messages_go_dead(
+    bus: Bus, redis_url: str
+) -> None:
+    stage = make_stage(bus, redis_url)
+    ok, png = cv2.imencode(".png", GOOD)
+    assert ok
+    truncated = Frame("line1", "cam0", 1, time.time(), "png", (SIZE, SIZE, 3), png.tobytes()[:60])
+    good = Frame("line1", "cam0", 0, time.time(), "png", (SIZE, SIZE, 3), png.tobytes())
+    bus.add_frame(good, max_len=100)
+    bus.add_frame(truncated, max_len=100)  # header fine, pixels missing
+    bus.client.xadd(bus.key("frames"), {ENTRY_FIELD: b"\xc1"})
+    other_line = Frame("line2", "cam0", 5, time.time(), "png", (SIZE, SIZE, 3), png.tobytes())
+    bus.client.xadd(bus.key("frames"), {ENTRY_FIELD: encode(other_line)})
+    drain(stage)
+    by_seq = {s.seq: s for s in read_scores(bus)}
+    assert by_seq[0].error is None
+    assert by_seq[1].error is not None and "truncated" in by_seq[1].error
+    assert by_seq[1].raw == {}
+    assert sorted(d.reason for d in bus.dead_letters()) == ["not_msgpack", "wrong_line"]
+    assert bus.pending("frames", "infer") == []
+
+
+def test_rows_check_turns_a_short_result_into_errors(bus: Bus, redis_url: str) -> None:
+    stage = make_stage(bus, redis_url)
+    assert stage.model is not None
+    real = stage.model.runtime
+
+    class DropsARow:
+        """A runtime that loses the last row, as a buggy padding path would."""
+
+        kind = real.kind
+
+        def run(self, images: np.ndarray) -> Outputs:
+            out = real.run(images)
+            return Outputs(*(np.asarray(x)[:-1] for x in out))
+
+        def close(self) -> None:
+            real.close()
+
+    stage.model.runtime = DropsARow()  # type: ignore[assignment]
+    ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="png")
+    for _ in range(3):
+        ing.send(GOOD)
+    drain(stage)
+    out = read_scores(bus)
+    assert len(out) == 3
+    assert all(s.error and "shape" in s.error for s in out)
+
+
+def test_entries_of_a_dead_consumer_are_reclaimed_and_poison_is_dead_lettered(
+    bus: Bus, redis_url: str
+) -> None:
+    stage = make_stage(
+        bus, redis_url, **{"infer.reclaim_idle_ms": 50, "infer.reclaim_interval_ms": 10}
+    )
+    ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="png")
+    for _ in range(4):
+        ing.send(GOOD)
+    taken = bus.read_group("frames", "infer", "dead-worker", count=4)
+    # seq 3 crashed workers over and over: every XCLAIM is one more delivery
+    for _ in range(3):
+        bus.client.xclaim(bus.key("frames"), "infer", "dead-worker", 0, [taken[3].id])
+    time.sleep(0.1)
+    drain(stage)
+    by_seq = {s.seq: s for s in read_scores(bus)}
+    assert sorted(by_seq) == [0, 1, 2, 3]
+    assert all(by_seq[i].error is None for i in range(3))
+    assert by_seq[3].error is not None and "MAX_DELIVERIES" in by_seq[3].error
+    dead = bus.dead_letters()
+    assert [d.reason for d in dead] == ["max_deliveries"] and dead[0].deliveries == 5
+    assert stage.counts["reclaimed"] == 4
+    assert bus.pending("frames", "infer") == []
+
+
+def test_hot_reload_swaps_the_bundle_between_batches(
+    bus: Bus, redis_url: str, tmp_path: Path
+) -> None:
+    first = split_bundle(tmp_path / "bundle")
+    stage = make_stage(bus, redis_url, bundle=first.path, reload_interval_s=0.0)
+    ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="png")
+    ing.send(GOOD)
+    drain(stage)
+    second = split_bundle(tmp_path / "bundle", threshold_shift=1.0)  # replaced in place
+    assert second.version != first.version
+    ing.send(GOOD)
+    drain(stage)
+    versions = [s.model for s in read_scores(bus)]
+    assert versions == [first.version, second.version]
+    assert stage.counts["reloads"] == 1
+    # a broken replacement is refused and the working model stays
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    ing.send(GOOD)
+    drain(stage)
+    assert read_scores(bus)[-1].model == second.version
+
+
+def test_runtime_choice_and_entry_time() -> None:
+    bundle = split_bundle()
+    from engines.bundle import load_bundle
+
+    b = load_bundle(bundle.path)
+    assert resolve_runtime("auto", "cpu", b) == "onnxruntime"
+    assert resolve_runtime("auto", "cuda", b) == "torch"
+    with pytest.raises(ConfigError, match="unknown runtime"):
+        resolve_runtime("tflite", "cpu", b)
+    assert entry_time("1700000000123-4") == pytest.approx(1700000000.123)
+
+
+def test_infer_imports_no_training_code() -> None:
+    code = (
+        "import sys, stream.infer, stream.decide, stream.ingest, stream.run, stream.cli,"
+        " stream.demo, stream.bench_e2e;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('offline', 'lightning', 'pytorch_lightning', 'tensorboard'));"
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, f"training modules imported: {proc.stdout} {proc.stderr}"

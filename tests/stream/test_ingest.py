@@ -1,0 +1,151 @@
+"""Sources, the ingest stage and recordings, against a real server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.errors import ConfigError
+from stream.bus import Bus
+from stream.ingest import (
+    Ingestor,
+    IngestStage,
+    Pacer,
+    SeqConflictError,
+    bundle_input_size,
+    resize_to,
+)
+from stream.protocol import ENTRY_FIELD, Frame, decode_frame, decode_image
+from stream.sources import (
+    ArraySource,
+    ImageFolder,
+    Recording,
+    SourceError,
+    VideoCapture,
+    open_source,
+    read_image,
+)
+from stream.worker import run_worker
+from tests.stream.pipeline_helpers import settings_for, split_bundle
+
+
+def frames_on(bus: Bus) -> list[Frame]:
+    return [decode_frame(f[ENTRY_FIELD]) for _id, f in bus.client.xrange(bus.key("frames"))]
+
+
+def colour(i: int, size: int = 48) -> np.ndarray:
+    return np.full((size, size + 8, 3), (i * 20) % 256, np.uint8)
+
+
+def test_image_folder_is_recursive_sorted_and_loops(tmp_path: Path) -> None:
+    for rel, value in (("b/001.png", 3), ("a/010.png", 2), ("a/002.png", 1), ("c.jpg", 4)):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / rel), np.full((8, 8, 3), value, np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    src = open_source(str(tmp_path))
+    assert isinstance(src, ImageFolder) and len(src) == 5
+    names = [c.name for c in src]
+    assert names == ["a/002.png", "a/010.png", "b/001.png", "c.jpg"]  # broken.png skipped
+    looped = ImageFolder(tmp_path, loop=True)
+    it = iter(looped)
+    assert [next(it).name for _ in range(6)][4:] == ["a/002.png", "a/010.png"]
+    first = next(iter(ImageFolder(tmp_path)))
+    assert first.image.shape == (8, 8, 3) and first.image.dtype == np.uint8
+
+
+def test_video_file_source(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    for i in range(5):
+        writer.write(np.full((24, 32, 3), i * 40, np.uint8))
+    writer.release()
+    src = open_source(str(path))
+    assert isinstance(src, VideoCapture) and src.kind == "video"
+    caps = list(src)
+    assert len(caps) == 5 and caps[0].image.shape == (24, 32, 3)
+    looped = open_source(str(path), loop=True)
+    it = iter(looped)
+    assert len([next(it) for _ in range(12)]) == 12
+    looped.close()
+
+
+def test_open_source_errors_say_what_to_pass(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="not found"):
+        open_source(str(tmp_path / "missing"))
+    (tmp_path / "one.png").write_bytes(cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1])
+    with pytest.raises(SourceError, match="single image"):
+        open_source(str(tmp_path / "one.png"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        open_source(str(tmp_path / "empty"))
+    with pytest.raises(SourceError, match="camera"):
+        open_source("57")  # no such camera index here
+
+
+def test_ingest_resizes_numbers_and_persists_the_next_seq(bus: Bus) -> None:
+    ing = Ingestor(bus, camera="cam0", size=32, encoding="jpeg", max_len=100)
+    for i in range(3):
+        sent = ing.send(colour(i))
+        assert sent.frame.seq == i
+    frames = frames_on(bus)
+    assert [f.seq for f in frames] == [0, 1, 2]
+    assert all(f.shape == (32, 32, 3) and f.encoding == "jpeg" for f in frames)
+    assert decode_image(frames[1]).shape == (32, 32, 3)
+    # a restarted ingest continues where the last one stopped
+    again = Ingestor(bus, camera="cam0", size=32)
+    assert again.send(colour(9)).frame.seq == 3
+    # another camera has its own numbers
+    assert Ingestor(bus, camera="cam1", size=32).send(colour(0)).frame.seq == 0
+    # two ingests on one camera: the stale one is refused instead of interleaving seqs
+    with pytest.raises(SeqConflictError, match="another ingest"):
+        ing.send(colour(0))
+    assert len(frames_on(bus)) == 5
+    # a counter that vanished (server restarted without persistence) is named as such
+    bus.client.delete(again.seq_key)
+    with pytest.raises(SeqConflictError, match="vanished"):
+        again.send(colour(0))
+
+
+def test_record_then_replay_the_recording(bus: Bus, tmp_path: Path) -> None:
+    rec = tmp_path / "rec"
+    settings = settings_for(bus, "redis://unused", **{"ingest.encoding": "jpeg"})
+    src = ArraySource([colour(i) for i in range(4)])
+    stage = IngestStage(bus, settings, src, size=32, record=rec)
+    assert run_worker(stage, bus, burst=True, handle_signals=False) == 4
+    index = [json.loads(x) for x in (rec / "index.jsonl").read_text().splitlines()]
+    assert [r["seq"] for r in index] == [0, 1, 2, 3]
+    recording = open_source(str(rec))
+    assert isinstance(recording, Recording) and len(recording) == 4
+    caps = list(recording)
+    # the recording holds exactly the pixels that were sent (PNG, before the JPEG step)
+    assert np.array_equal(caps[2].image, resize_to(colour(2), 32))
+    assert caps[2].t_capture == pytest.approx(index[2]["t_capture"])
+    # a recording cut off mid-line is still readable up to the cut
+    with (rec / "index.jsonl").open("a") as fh:
+        fh.write('{"file": "frames/cam0-0000')
+    assert len(Recording(rec)) == 4
+
+
+def test_bundle_input_size_and_read_image(tmp_path: Path) -> None:
+    assert bundle_input_size(split_bundle().path) == 64
+    with pytest.raises(ConfigError, match="--size"):
+        bundle_input_size(tmp_path)
+    path = tmp_path / "x.png"
+    cv2.imwrite(str(path), np.dstack([np.zeros((4, 4)), np.zeros((4, 4)), np.full((4, 4), 255)]))
+    assert read_image(path)[0, 0].tolist() == [255, 0, 0]  # BGR on disk, RGB in memory
+
+
+def test_pacer_holds_the_rate() -> None:
+    pacer = Pacer(100.0)
+    t0 = time.monotonic()
+    for _ in range(11):
+        pacer.wait()
+    assert 0.09 <= time.monotonic() - t0 < 0.5
+    with pytest.raises(ConfigError):
+        Pacer(0)

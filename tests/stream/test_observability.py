@@ -1,0 +1,127 @@
+"""Logs, metrics, heartbeats and the event follower."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+import structlog
+
+from engines.errors import ConfigError
+from stream.bus import Bus
+from stream.events import event_line, follow_events
+from stream.infer import InferStage
+from stream.logs import bind_worker, configure_logging, frame_context
+from stream.metrics import get_metrics, observe_queue, serve_metrics
+from stream.protocol import Event
+from stream.worker import StopFlag
+from tests.stream.pipeline_helpers import settings_for, split_bundle
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def event(seq: int, verdict: str = "pass") -> Event:
+    t = time.time()
+    return Event("line1", "cam0", seq, verdict, 0.5, 1.0, {"lgst": 0.5}, "m-1",  # type: ignore[arg-type]
+                 {"total": 0.02}, "", t, t)  # fmt: skip
+
+
+def test_json_logs_carry_the_frame_key() -> None:
+    out = io.StringIO()
+    configure_logging(level="debug", fmt="json", stream=out)
+    try:
+        log = structlog.get_logger("t")
+        with frame_context("line1/cam0/000000042"):
+            log.info("decide.event", verdict="fail")
+        log.debug("outside")
+        lines = [json.loads(x) for x in out.getvalue().splitlines()]
+        assert lines[0]["frame"] == "line1/cam0/000000042" and lines[0]["level"] == "info"
+        assert lines[0]["event"] == "decide.event" and "timestamp" in lines[0]
+        assert "frame" not in lines[1]
+    finally:
+        configure_logging(level="warning", fmt="console")
+
+
+def test_worker_identity_is_bound_per_thread() -> None:
+    out = io.StringIO()
+    configure_logging(level="info", fmt="json", stream=out)
+    try:
+
+        def work() -> None:
+            bind_worker("infer", "w-1")
+            structlog.get_logger().info("hello")
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        line = json.loads(out.getvalue().splitlines()[0])
+        assert (line["stage"], line["consumer"]) == ("infer", "w-1")
+    finally:
+        configure_logging(level="warning", fmt="console")
+
+
+def test_metrics_endpoint_and_queue_gauges(bus: Bus) -> None:
+    port = free_port()
+    stop = serve_metrics(port, "127.0.0.1")
+    try:
+        assert serve_metrics(port, "127.0.0.1")() is None  # a second request is a no-op
+        bus.ensure_group("frames", "infer")
+        bus.client.xadd(bus.key("frames"), {b"m": b"x"})
+        observe_queue(bus, get_metrics(), "frames", "infer")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        stop()
+    assert "lineguard_queue_lag" in body and 'stream="frames"' in body
+    for name in (
+        "lineguard_frames_in_total",
+        "lineguard_batch_size",
+        "lineguard_dead_lettered_total",
+        "lineguard_reclaimed_total",
+        "lineguard_verdicts_total",
+        "lineguard_stage_seconds",
+    ):
+        assert name in body  # fmt: skip
+
+
+def test_metrics_port_in_use_is_a_config_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConfigError, match="LINEGUARD_METRICS__PORT"):
+            serve_metrics(int(s.getsockname()[1]), "127.0.0.1")
+
+
+def test_follow_prints_events_as_they_arrive(bus: Bus) -> None:
+    bus.add("events", event(0))  # before following: not shown
+    stop = StopFlag()
+    seen: list[int] = []
+
+    def follow() -> None:
+        for _id, ev in follow_events(bus, stop=stop, block_ms=50):
+            seen.append(ev.seq)
+            if len(seen) == 2:
+                stop.set()
+
+    t = threading.Thread(target=follow)
+    t.start()
+    time.sleep(0.2)
+    bus.add("events", event(1, "fail"))
+    bus.add("events", event(2))
+    t.join(5)
+    assert seen == [1, 2]
+    assert "fail" in event_line(event(1, "fail")).plain
+
+
+def test_batch_delay_must_fit_the_socket_timeout(bus: Bus, redis_url: str) -> None:
+    settings = settings_for(bus, redis_url, **{"infer.max_delay_ms": 2500})
+    with pytest.raises(ConfigError, match="MAX_DELAY_MS"):
+        InferStage(bus, settings, split_bundle().path)
