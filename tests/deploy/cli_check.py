@@ -1,0 +1,184 @@
+"""Check a ``lineguard …`` command line against the real CLI, through its ``--help``: every
+subcommand on the way is listed by its parent's help, the final help exits 0 and lists every
+option used, and values with a fixed set of choices (runtime, precision, device, rate) are ones
+the workers accept."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from typer.testing import CliRunner
+
+from engines.runtimes.base import PRECISIONS
+from stream.cli import app
+from stream.infer import RUNTIME_CHOICES
+from tests.deploy.deploy_files import DEPLOY
+
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+STAGES = ("ingest", "infer", "decide")
+
+# Rows of typer's rich help panels: "│ [*] --name [-n] [--no-name] <type> help │" and
+# "│ name  description │"; a panel starts with "╭─ Title ─".
+_PANEL = re.compile(r"^╭─ (\w+) ─")
+_OPTION_ROW = re.compile(r"^│\s+(?:\*\s+)?(--[\w-]+)((?:\s+-{1,2}[\w-]+)*)\s+<(\w+)>")
+_COMMAND_ROW = re.compile(r"^│ (\S+)\s{2,}\S")
+_ARGUMENT_ROW = re.compile(r"^│\s+(\*)?\s+(\w+)\s+<(\w+)>")
+
+
+@dataclass
+class HelpInfo:
+    exit_code: int
+    text: str
+    options: dict[str, bool] = field(default_factory=dict)  # name or alias -> takes a value
+    commands: set[str] = field(default_factory=set)
+    required_arguments: int = 0
+
+
+@functools.cache
+def help_info(path: tuple[str, ...]) -> HelpInfo:
+    """``lineguard PATH --help``, run in-process and wide enough that nothing is cut."""
+    result = CliRunner().invoke(
+        app, [*path, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+    )
+    info = HelpInfo(result.exit_code, result.output)
+    panel = ""
+    for line in result.output.splitlines():
+        m = _PANEL.match(line)
+        if m:
+            panel = m.group(1)
+            continue
+        if panel == "Options" and (m := _OPTION_ROW.match(line)):
+            takes_value = m.group(3) != "bool"
+            for name in [m.group(1), *m.group(2).split()]:
+                info.options[name] = takes_value
+        elif panel == "Commands" and (m := _COMMAND_ROW.match(line)):
+            info.commands.add(m.group(1))
+        elif panel == "Arguments" and (m := _ARGUMENT_ROW.match(line)):
+            info.required_arguments += m.group(1) is not None
+    return info
+
+
+@dataclass
+class Parsed:
+    path: list[str] = field(default_factory=list)  # subcommand names, e.g. ["bench", "model"]
+    options: dict[str, str | None] = field(default_factory=dict)  # --name -> value (None: flag)
+    problems: list[str] = field(default_factory=list)
+
+
+def parse_lineguard(args: tuple[str, ...]) -> Parsed:
+    """Walk ``args`` the way the CLI would, using only what each ``--help`` says."""
+    out = Parsed()
+    info = help_info(())
+    arguments = 0
+    i = 0
+    while i < len(args):
+        where = " ".join(["lineguard", *out.path])
+        if info.exit_code != 0:
+            out.problems.append(f"`{where} --help` exited {info.exit_code}")
+            return out
+        tok = args[i]
+        if tok.startswith("-") and tok != "-":
+            name, eq, inline = tok.partition("=")
+            if name not in info.options:
+                out.problems.append(f"`{where} --help` lists no option {name}")
+                i += 1
+            elif not info.options[name]:
+                out.options[name] = None
+                i += 1
+            elif eq:
+                out.options[name] = inline
+                i += 1
+            else:
+                if i + 1 >= len(args):
+                    out.problems.append(f"option {name} of `{where}` needs a value")
+                out.options[name] = args[i + 1] if i + 1 < len(args) else None
+                i += 2
+            continue
+        if info.commands:
+            if tok not in info.commands:
+                out.problems.append(f"`{where} --help` lists no command {tok!r}")
+                return out
+            out.path.append(tok)
+            info = help_info(tuple(out.path))
+            arguments = 0
+        else:
+            arguments += 1
+        i += 1
+    where = " ".join(["lineguard", *out.path])
+    if info.exit_code != 0:
+        out.problems.append(f"`{where} --help` exited {info.exit_code}")
+    elif "--help" not in out.options:
+        if info.commands:
+            out.problems.append(f"`{where}` names no command")
+        elif arguments < info.required_arguments:
+            out.problems.append(f"`{where}` needs {info.required_arguments} argument(s)")
+    return out
+
+
+def value_problems(options: dict[str, str | None]) -> list[str]:
+    """Values the workers would refuse at start-up, caught here instead."""
+    problems = []
+    checks: dict[str, tuple[str, ...] | re.Pattern[str]] = {
+        "--runtime": RUNTIME_CHOICES,
+        "--precision": PRECISIONS,
+        "--device": DEVICE,
+    }
+    for name, allowed in checks.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        ok = allowed.match(value) if isinstance(allowed, re.Pattern) else value in allowed
+        if not ok:
+            problems.append(f"{name} {value!r} is not one of the accepted values")
+    rate = options.get("--rate")
+    if rate is not None and rate != "max":
+        try:
+            float(rate)
+        except ValueError:
+            problems.append(f"--rate {rate!r} is neither 'max' nor a number")
+    return problems
+
+
+def check_lineguard(args: tuple[str, ...]) -> list[str]:
+    parsed = parse_lineguard(args)
+    return parsed.problems + value_problems(parsed.options)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import deploy/bin/<name>.py (it is not a package)."""
+    path = DEPLOY / "bin" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"deploy_bin_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_prepare(args: tuple[str, ...]) -> list[str]:
+    module = load_script("lineguard_prepare")
+    try:
+        ns: Any = module.parse_args(list(args))
+    except SystemExit as exc:
+        return [f"lineguard-prepare {' '.join(args)}: argparse exit {exc.code}"]
+    return value_problems(
+        {"--runtime": ns.runtime, "--device": ns.device, "--precision": ns.precision}
+    )
+
+
+def check_probe(args: tuple[str, ...]) -> list[str]:
+    if len(args) > 1 or (args and args[0] not in STAGES):
+        return [f"lineguard-probe takes at most one stage of {STAGES}, got {list(args)}"]
+    return []
+
+
+def check_command(program: str, args: tuple[str, ...]) -> list[str]:
+    if program == "lineguard":
+        return check_lineguard(args)
+    if program == "lineguard-prepare":
+        return check_prepare(args)
+    return check_probe(args)
