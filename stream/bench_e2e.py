@@ -12,12 +12,19 @@ breakdown needs no extra instrumentation. Throughput is frames / (last event −
 The images are smooth synthetic scenes (not noise), so JPEG sizes are realistic. With no
 ``LINEGUARD_REDIS__URL`` an embedded Valkey is started; on an external server the benchmark
 uses its own key prefix and deletes its keys afterwards.
+
+``dashboard=True`` measures the cost of the operator page: infer attaches anomaly maps (as
+``run --dashboard`` does), the dashboard is served from this process and a simulated viewer
+keeps its live stream open and loads every new reject's thumbnail, as an open browser tab would.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -88,6 +95,7 @@ def bench_e2e(
     warmup: int = 16,
     timeout_s: float | None = None,
     progress: Callable[[str], None] | None = None,
+    dashboard: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict (see ``result_table`` for the view)."""
     if frames < 1:
@@ -116,11 +124,15 @@ def bench_e2e(
         with redis_url_for(cfg) as url:
             say(f"starting infer and decide ({mode}) on {redacted_url(url)}")
             pipeline = LocalPipeline(
-                cfg, url, bundle_path, mode=mode, runtime=runtime, device=device
+                cfg, url, bundle_path, mode=mode, runtime=runtime, device=device, maps=dashboard
             )
             client = connect(cfg, url, client_name="lineguard-bench")
+            page: _PageViewer | None = None
             try:
                 with pipeline:
+                    if dashboard:
+                        page = _PageViewer.open(cfg, url)
+                        say(f"dashboard open at {page.server.url} (a simulated viewer reads it)")
                     bus = Bus.from_settings(client, cfg)
                     with EventCollector(cfg, url, BENCH_CAMERA, since=events_cursor(bus)) as col:
                         if warmup > 0:
@@ -138,6 +150,8 @@ def bench_e2e(
                         events, counts = col.snapshot()
                     batches = _batch_sizes(bus, set(sent.seqs))
             finally:
+                if page is not None:
+                    page.close()
                 if external:
                     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
                     if keys:
@@ -177,11 +191,82 @@ def bench_e2e(
             for v in ("pass", "fail", "error", "uninspected")
         },
         "duplicates": sum(n - 1 for n in counts.values() if n > 1),
+        "dashboard": None if page is None else page.stats(),
         "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "machine": machine_info(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+class _PageViewer:
+    """The dashboard served beside the pipeline, and one simulated browser tab reading it.
+
+    The tab keeps ``/api/stream`` open and fetches the thumbnail of every reject it has not
+    seen yet, which is what the page's script does; it counts what it received so the result
+    shows the page really was live during the run.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.updates = 0
+        self.thumbs = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._conn: http.client.HTTPConnection | None = None
+        self._thread = threading.Thread(target=self._read, name="bench-page", daemon=True)
+
+    @classmethod
+    def open(cls, settings: Settings, url: str) -> _PageViewer:
+        from stream.dashboard import DashboardServer
+
+        server = DashboardServer(
+            settings,
+            url=url,
+            port=0,
+            prefix=settings.redis.key_prefix,
+            line=settings.line.id,
+        ).start()
+        viewer = cls(server)
+        viewer._thread.start()
+        return viewer
+
+    def _read(self) -> None:
+        seen: set[str] = set()
+        host, port = self.server.host, self.server.port
+        try:
+            self._conn = http.client.HTTPConnection(host, port, timeout=30)
+            self._conn.request("GET", "/api/stream")
+            resp = self._conn.getresponse()
+            images = http.client.HTTPConnection(host, port, timeout=30)
+            while not self._stop.is_set():
+                line = resp.readline()
+                if not line:
+                    break
+                if not line.startswith(b"data: "):
+                    continue
+                self.updates += 1
+                for reject in json.loads(line[6:]).get("rejects", []):
+                    thumb = reject.get("images", {}).get("thumb")
+                    if thumb and thumb not in seen:
+                        seen.add(thumb)
+                        images.request("GET", thumb)
+                        images.getresponse().read()
+                        self.thumbs += 1
+            images.close()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if not self._stop.is_set():
+                self.errors.append(repr(exc))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.stop()  # ends the event stream, which ends the reader
+        if self._conn is not None:
+            self._conn.close()
+        self._thread.join(timeout=10)
+
+    def stats(self) -> dict[str, Any]:
+        return {"updates": self.updates, "thumbnails": self.thumbs, "errors": self.errors}
 
 
 def _batch_sizes(bus: Bus, seqs: set[int]) -> list[float]:
@@ -225,7 +310,8 @@ def result_table(result: dict[str, Any]) -> Table:
         caption=(
             f"runtime {result['runtime']} on {result['device']}, max_batch {result['max_batch']}, "
             f"max_delay {result['max_delay_ms']} ms, mean batch {result['mean_batch']}, "
-            f"{result['encoding']} {result['input_size']} px, workers as {result['mode']}; "
+            f"{result['encoding']} {result['input_size']} px, workers as {result['mode']}"
+            f"{_dashboard_note(result.get('dashboard'))}; "
             f"load avg {result['load_avg_before'][0]} → {result['load_avg_after'][0]}"
         ),
     )
@@ -238,3 +324,9 @@ def result_table(result: dict[str, Any]) -> Table:
             *(f"{st[k]:.2f}" if k in st else "-" for k in ("p50", "p99", "mean")),
         )
     return table
+
+
+def _dashboard_note(stats: dict[str, Any] | None) -> str:
+    if stats is None:
+        return ""
+    return f", dashboard open ({stats['updates']} updates, {stats['thumbnails']} thumbnails)"

@@ -859,6 +859,13 @@ def bench_e2e_cmd(
     workers: Annotated[str, typer.Option(help="threads or processes.")] = "threads",
     encoding: EncodingOpt = None,
     warmup: Annotated[int, typer.Option(help="Untimed frames sent first.")] = 16,
+    dashboard: Annotated[
+        bool,
+        typer.Option(
+            help="Serve the dashboard (with anomaly maps) and keep a simulated viewer on it, "
+            "to measure what an open page costs."
+        ),
+    ] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Throughput and capture→event latency through Redis, with a per-stage breakdown."""
@@ -883,6 +890,7 @@ def bench_e2e_cmd(
         mode=workers,
         warmup=warmup,  # type: ignore[arg-type]
         progress=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+        dashboard=dashboard,
     )
     console.print(result_table(result))
     _write_json(json_path, result)

@@ -96,6 +96,19 @@ def test_bench_e2e_reports_every_stage(bus: Bus, redis_url: str) -> None:
     assert bus.client.keys("lineguard-bench-*") == []
 
 
+def test_bench_e2e_with_the_dashboard_open(bus: Bus, redis_url: str, tmp_path: Path) -> None:
+    settings = settings_for(bus, redis_url)
+    strict = split_bundle(tmp_path / "strict", threshold_shift=-1000.0).path  # everything fails
+    result = bench_e2e(settings, frames=8, bundle=strict, warmup=2, dashboard=True)
+    assert result["verdicts"]["fail"] == 8 and result["duplicates"] == 0
+    page = result["dashboard"]
+    assert page["errors"] == [] and page["updates"] >= 1
+    assert 1 <= page["thumbnails"] <= 10  # the simulated tab loaded reject pictures
+    text = io.StringIO()
+    Console(file=text, width=200).print(result_table(result))
+    assert "dashboard open" in text.getvalue()
+
+
 @pytest.mark.parametrize("size", [64, 256])
 def test_synthetic_images_are_smooth(size: int) -> None:
     imgs = synthetic_images(2, size)
