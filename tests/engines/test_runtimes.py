@@ -64,3 +64,10 @@ def test_batch_buckets() -> None:
     assert bucket_for(17, batch_buckets(24)) == 24
     with pytest.raises(InputError, match="split"):
         bucket_for(33, batch_buckets(32))
+
+
+def test_onnxruntime_threads_sleep_when_idle(tiny_bundle: Bundle) -> None:
+    # an idle infer worker must not busy-wait on cores that ingest and decide share
+    rt = open_runtime(tiny_bundle, kind="onnxruntime")
+    options = rt.session.get_session_options()  # type: ignore[attr-defined]
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
