@@ -1103,7 +1103,8 @@ def bundle_info(
     for name, mu, sigma in zip(cal.branches, cal.mu, cal.sigma, strict=True):
         table.add_row(f"  {name}", f"μ={mu:.4g} σ={sigma:.4g}")
     table.add_row(
-        "fusion", f"{cal.method}, threshold {cal.threshold:.4g} (target FRR {cal.target_frr})"
+        "fusion",
+        f"{cal.method}, {cal.combine}, threshold {cal.threshold:.4g} (target FRR {cal.target_frr})",
     )
     table.add_row("files", ", ".join(bundle.manifest["files"]))
     table.add_row("created", str(bundle.manifest.get("created")))

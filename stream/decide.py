@@ -73,7 +73,7 @@ from stream.protocol import (
     encode,
 )
 from stream.settings import Settings
-from stream.worker import BundleWatcher, line_key
+from stream.worker import BundleWatcher, ConsumerPruner, line_key
 
 log = structlog.get_logger("lineguard.decide")
 
@@ -231,6 +231,7 @@ class DecideStage:
         self.watcher: BundleWatcher | None = None
         self._next_reclaim = 0.0
         self._reclaim_every_s = min(self.cfg.reclaim_idle_ms / 2000, 5.0)
+        self.pruner = ConsumerPruner(bus, "scores", self.cfg.group)
         self._cursor = "0-0"
         self._next_inflight_check = 0.0
         self._issued: dict[str, int] = {}  # camera -> ingest's next seq, as last read
@@ -333,6 +334,7 @@ class DecideStage:
         self._cursor = r.cursor
         if r.cursor == "0-0" and not r.entries:
             self._next_reclaim = time.monotonic() + self._reclaim_every_s
+            self.pruner.maybe_prune()
         if r.deleted_ids:
             self.counts["trimmed"] += len(r.deleted_ids)
             self.metrics.trimmed.labels("decide").inc(len(r.deleted_ids))

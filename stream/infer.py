@@ -60,7 +60,7 @@ from stream.protocol import (
     decode_image,
 )
 from stream.settings import Settings
-from stream.worker import BundleWatcher
+from stream.worker import BundleWatcher, ConsumerPruner
 
 log = structlog.get_logger("lineguard.infer")
 
@@ -171,6 +171,7 @@ class InferStage:
         self.metrics = get_metrics()
         self._cursor = "0-0"
         self._next_reclaim = 0.0
+        self.pruner = ConsumerPruner(bus, "frames", self.cfg.group)
         self.counts = {
             "batches": 0,
             "frames": 0,
@@ -293,6 +294,7 @@ class InferStage:
         # A full scan that wrapped around waits for the next interval; otherwise keep going.
         if r.cursor == "0-0" and not r.entries:
             self._next_reclaim = now + self.cfg.reclaim_interval_ms / 1000
+            self.pruner.maybe_prune(now)
         if r.deleted_ids:
             self.counts["trimmed"] += len(r.deleted_ids)
             self.metrics.trimmed.labels("infer").inc(len(r.deleted_ids))

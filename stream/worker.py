@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import redis
 import structlog
 
-from stream.bus import Bus
+from stream.bus import Bus, StreamName
 from stream.logs import bind_worker
 
 log = structlog.get_logger("lineguard.worker")
@@ -252,6 +252,41 @@ class BundleWatcher:
             return False
         self._signature = sig
         return True
+
+
+class ConsumerPruner:
+    """Removes the consumers that workers which are gone left in a group.
+
+    Redis creates a consumer on its first read and never forgets it, so every pod or restart
+    with a fresh name adds one to ``XINFO CONSUMERS`` for good. Every ``every_s`` the worker
+    deletes those idle for ``idle_ms`` that own no pending entries (``Bus.prune_consumers``
+    keeps one that does: deleting it would orphan its entries). A live worker's blocking reads
+    keep its idle time near zero, and deleting an idle one is harmless anyway: its next read
+    creates it again.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        stream: StreamName,
+        group: str,
+        *,
+        idle_ms: int = 3_600_000,
+        every_s: float = 600.0,
+    ) -> None:
+        self.bus, self.stream, self.group = bus, stream, group
+        self.idle_ms, self.every_s = idle_ms, every_s
+        self._next = time.monotonic() + every_s
+
+    def maybe_prune(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        if now < self._next:
+            return []
+        self._next = now + self.every_s
+        removed = self.bus.prune_consumers(self.stream, self.group, min_idle_ms=self.idle_ms)
+        if removed:
+            log.info("bus.consumers_pruned", stream=self.stream, group=self.group, names=removed)
+        return removed
 
 
 def health_report(bus: Bus) -> list[dict[str, Any]]:

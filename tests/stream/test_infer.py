@@ -17,6 +17,7 @@ from stream.bus import Bus
 from stream.infer import InferStage, entry_time, resolve_runtime
 from stream.ingest import Ingestor
 from stream.protocol import ENTRY_FIELD, Frame, Scores, decode_scores, encode
+from stream.worker import ConsumerPruner
 from tests.stream.pipeline_helpers import BAD, GOOD, SIZE, settings_for, split_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,3 +186,16 @@ def test_infer_imports_no_training_code() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, f"training modules imported: {proc.stdout} {proc.stderr}"
+
+
+def test_consumers_of_workers_that_are_gone_are_pruned(bus: Bus, redis_url: str) -> None:
+    stage = make_stage(bus, redis_url)
+    key = bus.key("frames")
+    # an old pod: it read once and left nothing pending; its name stays in the group forever
+    bus.client.xreadgroup("infer", "pod-gone", {key: ">"}, count=1, block=None)
+    time.sleep(0.05)
+    stage.pruner = ConsumerPruner(bus, "frames", "infer", idle_ms=20, every_s=0.0)
+    stage._next_reclaim = 0.0
+    stage.step()
+    names = {c["name"].decode() for c in bus.client.xinfo_consumers(key, "infer")}
+    assert "pod-gone" not in names
