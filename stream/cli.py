@@ -308,7 +308,7 @@ def run_cmd(
     max_batch: MaxBatchOpt = None,
     max_delay_ms: MaxDelayOpt = None,
     maps: Annotated[
-        bool, typer.Option(help="Publish low-res anomaly maps with the scores.")
+        bool, typer.Option(help="Publish low-res anomaly maps and segmentations with the scores.")
     ] = False,
     encoding: EncodingOpt = None,
     line: LineOpt = None,
@@ -463,7 +463,7 @@ def infer(
         str | None, typer.Option(help="Stable consumer name (default host-pid).")
     ] = None,
     maps: Annotated[
-        bool, typer.Option(help="Publish low-res anomaly maps with the scores.")
+        bool, typer.Option(help="Publish low-res anomaly maps and segmentations with the scores.")
     ] = False,
     burst: Annotated[bool, typer.Option(help="Exit once the frames stream is drained.")] = False,
     line: LineOpt = None,

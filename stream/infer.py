@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import structlog
 
@@ -371,11 +372,11 @@ class InferStage:
         if images:
             t1 = time.perf_counter()
             failure: str | None = None
-            scores = amap = None
+            scores = amap = seg = None
             try:
                 out = model.runtime.run(np.stack(images))
                 scores = np.asarray(out.scores, dtype=np.float64)
-                amap = out.anomaly_map
+                amap, seg = out.anomaly_map, out.segmentation
                 k = len(model.bundle.branches)
                 if scores.shape != (len(images), k):
                     failure = (
@@ -411,6 +412,7 @@ class InferStage:
                     model.version,
                     self._timings(e, timings),
                     self._map(amap, j),
+                    self._seg(seg, amap, j),
                 )
 
         for e, frame in poison:
@@ -492,6 +494,25 @@ class InferStage:
         if not np.isfinite(plane).all():
             return None
         return LowResMap.from_float(plane)
+
+    def _seg(self, seg: Any, amap: Any, row: int) -> LowResMap | None:
+        """The segmentation at the anomaly map's resolution (nearest class), for the page.
+
+        Full-size class maps would put a 256² plane per frame on the bus; the anomaly map's
+        grid (a quarter of the side) keeps components recognisable at a few hundred bytes.
+        """
+        if not self.maps or seg is None:
+            return None
+        labels = np.asarray(seg[row])
+        if labels.ndim != 2 or labels.size == 0:
+            return None
+        if amap is not None:
+            h, w = int(amap.shape[-2]), int(amap.shape[-1])
+            if 0 < h < labels.shape[0] and 0 < w < labels.shape[1]:
+                labels = cv2.resize(
+                    labels.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST
+                )
+        return LowResMap.from_labels(labels)
 
     def _dead(self, e: Entry, reason: str, detail: str) -> None:
         self.counts["dead"] += 1

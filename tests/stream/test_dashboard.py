@@ -146,14 +146,17 @@ def test_rejects_carry_score_threshold_branches_and_pictures(replayed: Replayed)
         assert set(r["contributions"]) == branches
         fused = replayed.split.calibration.combined(np.array([list(r["contributions"].values())]))
         assert fused[0] == pytest.approx(r["score"], abs=1e-3)
-        assert r["frame"] and r["map"] and not r["seg"]  # infer attaches no segmentation
+        assert r["frame"] and r["map"] and r["seg"]  # infer --maps attaches both planes
         assert r["model"] == replayed.split.version and r["reason"]
-        assert set(r["images"]) == {"thumb", "frame", "overlay"}
+        assert set(r["images"]) == {"thumb", "frame", "overlay", "seg"}
     first = rejects[0]
     for kind, path in first["images"].items():
         status, headers, body = get(server.url + path)
         assert status == 200, (kind, body)
-        assert headers["content-type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+        if kind == "seg":  # class colours stay exact in PNG
+            assert headers["content-type"] == "image/png" and body[:4] == b"\x89PNG"
+        else:
+            assert headers["content-type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
         assert len(body) < 200_000
     _s, _h, body = get(server.url + first["images"]["frame"])
     img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)

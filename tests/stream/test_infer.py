@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from engines.bundle import load_bundle
 from engines.errors import ConfigError
 from engines.model import Outputs
 from stream.bus import Bus
@@ -62,6 +63,9 @@ def test_batch_scores_every_frame_with_version_timings_and_maps(bus: Bus, redis_
     assert t["t_queued"] <= t["t_read"] <= t["t_scored"]
     assert t["batch"] == 5  # the five frames were one dynamic batch
     assert out[0].amap is not None and out[0].amap.shape == (SIZE // 4, SIZE // 4)
+    assert out[0].seg is not None and out[0].seg.shape == out[0].amap.shape
+    n_classes = len(load_bundle(split_bundle().path).config.class_names)
+    assert int(out[0].seg.to_labels().max()) < n_classes  # class ids, not a quantised float
     assert bus.pending("frames", "infer") == []  # acknowledged with the results
     assert stage.status()["frames"] == 5
 
