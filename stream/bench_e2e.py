@@ -26,7 +26,6 @@ import os
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,14 @@ from rich.table import Table
 from engines.errors import LineguardError
 from stream.bus import Bus, connect
 from stream.decide import STAGES
+from stream.harness import (
+    bundle_or_untrained,
+    delete_prefix,
+    run_prefix,
+    scores_by_seq,
+    with_sections,
+)
 from stream.ingest import bundle_input_size
-from stream.protocol import ENTRY_FIELD, ProtocolError, decode_scores
 from stream.replay import EventCollector, events_cursor, send_source
 from stream.run import LocalPipeline, Mode
 from stream.server import redis_url_for
@@ -76,13 +81,6 @@ def _stats(values_s: list[float]) -> dict[str, float]:
     }
 
 
-def _with(settings: Settings, **sections: dict[str, Any]) -> Settings:
-    update = {
-        name: getattr(settings, name).model_copy(update=values) for name, values in sections.items()
-    }
-    return settings.model_copy(update=update)
-
-
 def bench_e2e(
     settings: Settings,
     *,
@@ -103,21 +101,15 @@ def bench_e2e(
     say = progress or (lambda _msg: None)
     load_before = os.getloadavg()
     external = settings.redis.url is not None
-    prefix = f"lineguard-bench-{uuid.uuid4().hex[:8]}" if external else settings.redis.key_prefix
-    cfg = _with(
+    prefix = run_prefix(settings, "bench")
+    cfg = with_sections(
         settings,
         line={"camera": BENCH_CAMERA},
         redis={"key_prefix": prefix},
         ingest={"max_len": max(settings.ingest.max_len, frames + warmup + 100)},
     )
     with tempfile.TemporaryDirectory(prefix="lineguard-bench-e2e-") as tmp:
-        if bundle is None:
-            from engines.bench import synthetic_bundle
-
-            say("building an untrained efficientnet_lite0 (lite) bundle at 256 px")
-            bundle_path = synthetic_bundle("efficientnet_lite0", "lite", 256, Path(tmp)).path
-        else:
-            bundle_path = Path(bundle)
+        bundle_path = bundle_or_untrained(bundle, Path(tmp), say)
         size = bundle_input_size(bundle_path)
         runtime_kind = _runtime_used(runtime, device, bundle_path)
         images = synthetic_images(32, size)
@@ -148,14 +140,13 @@ def bench_e2e(
                         limit = timeout_s or max(120.0, frames / 2.0)
                         complete = col.wait_for(sent.seqs, limit, check=pipeline.check)
                         events, counts = col.snapshot()
-                    batches = _batch_sizes(bus, set(sent.seqs))
+                    scored = scores_by_seq(bus, BENCH_CAMERA, set(sent.seqs)).values()
+                    batches = [s.timings["batch"] for s in scored if "batch" in s.timings]
             finally:
                 if page is not None:
                     page.close()
                 if external:
-                    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-                    if keys:
-                        client.delete(*keys)
+                    delete_prefix(client, prefix)
                 client.close()
     timed = [events[s] for s in sent.seqs if s in events]
     if not complete:
@@ -267,20 +258,6 @@ class _PageViewer:
 
     def stats(self) -> dict[str, Any]:
         return {"updates": self.updates, "thumbnails": self.thumbs, "errors": self.errors}
-
-
-def _batch_sizes(bus: Bus, seqs: set[int]) -> list[float]:
-    """Batch size of each timed frame, from the scores stream (infer records it)."""
-    out: list[float] = []
-    rows: Any = bus.client.xrange(bus.key("scores"), count=100_000)
-    for _id, fields in rows:
-        try:
-            s = decode_scores(fields.get(ENTRY_FIELD), bus.limits)
-        except ProtocolError:
-            continue
-        if s.camera == BENCH_CAMERA and s.seq in seqs and "batch" in s.timings:
-            out.append(s.timings["batch"])
-    return out
 
 
 def _runtime_used(runtime: str, device: str, bundle: Path) -> str:

@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,8 +41,9 @@ from rich.table import Table
 from engines.errors import LineguardError
 from stream.bus import Bus, connect
 from stream.events import VERDICT_STYLE
+from stream.harness import delete_prefix, run_prefix, scores_by_seq
 from stream.ingest import bundle_input_size
-from stream.protocol import ENTRY_FIELD, Event, LowResMap, ProtocolError, decode_scores
+from stream.protocol import Event, LowResMap
 from stream.replay import EventCollector, events_cursor, send_source
 from stream.run import LocalPipeline, Mode
 from stream.server import redis_url_for
@@ -258,19 +258,6 @@ def _confusion(images: dict[int, LabelledImage], events: dict[int, Event]) -> di
     }
 
 
-def _maps_by_seq(bus: Bus, camera: str, seqs: set[int]) -> dict[int, LowResMap]:
-    out: dict[int, LowResMap] = {}
-    rows: Any = bus.client.xrange(bus.key("scores"), count=100_000)
-    for _id, fields in rows:
-        try:
-            s = decode_scores(fields.get(ENTRY_FIELD), bus.limits)
-        except ProtocolError:
-            continue
-        if s.camera == camera and s.seq in seqs and s.amap is not None:
-            out[s.seq] = s.amap
-    return out
-
-
 def contact_sheet(
     tiles: list[tuple[np.ndarray, np.ndarray | None, str]], tile: int = 160, cols: int = 4
 ) -> np.ndarray:
@@ -435,11 +422,7 @@ def run_demo(
     cfg = base.model_copy(
         update={
             "line": base.line.model_copy(update={"id": DEMO_LINE, "camera": DEMO_CAMERA}),
-            "redis": base.redis.model_copy(
-                update={"key_prefix": f"lineguard-demo-{uuid.uuid4().hex[:8]}"}
-            )
-            if external
-            else base.redis,
+            "redis": base.redis.model_copy(update={"key_prefix": run_prefix(base, "demo")}),
             "ingest": base.ingest.model_copy(
                 update={"max_len": max(base.ingest.max_len, 2 * len(items))}
             ),
@@ -482,14 +465,12 @@ def run_demo(
                     events, dup_counts = col.snapshot()
                 seconds["stream"] = time.perf_counter() - t
                 by_seq = {s: items[i] for i, s in enumerate(sent.seqs)}
-                maps = _maps_by_seq(
-                    bus, DEMO_CAMERA, {s for s, e in events.items() if e.verdict == "fail"}
-                )
+                rejected = {s for s, e in events.items() if e.verdict == "fail"}
+                scored = scores_by_seq(bus, DEMO_CAMERA, rejected)
+                maps = {s: sc.amap for s, sc in scored.items() if sc.amap is not None}
         finally:
             if external:
-                keys = list(client.scan_iter(match=f"{cfg.redis.key_prefix}:*", count=1000))
-                if keys:
-                    client.delete(*keys)
+                delete_prefix(client, cfg.redis.key_prefix)
             client.close()
 
     totals = [e.latency["total"] for e in events.values() if "total" in e.latency]

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import redis
 
 from engines.errors import ConfigError, LineguardError
 from stream.bus import Bus, connect
+from stream.harness import bundle_or_untrained, delete_prefix, run_prefix, with_sections
 from stream.ingest import bundle_input_size
 from stream.protocol import ENTRY_FIELD, ProtocolError, decode_event
 from stream.run import LocalPipeline, settings_env
@@ -227,11 +227,6 @@ class _Soak:
         self.client.close()
 
 
-def _with(settings: Settings, **sections: dict[str, Any]) -> Settings:
-    update = {n: getattr(settings, n).model_copy(update=v) for n, v in sections.items()}
-    return settings.model_copy(update=update)
-
-
 def soak(
     settings: Settings,
     *,
@@ -250,17 +245,11 @@ def soak(
     if minutes <= 0 or rate <= 0:
         raise ConfigError(f"--minutes ({minutes}) and --rate ({rate}) must be positive")
     external = settings.redis.url is not None
-    prefix = f"lineguard-soak-{uuid.uuid4().hex[:8]}" if external else settings.redis.key_prefix
-    cfg = _with(settings, line={"camera": SOAK_CAMERA}, redis={"key_prefix": prefix})
+    prefix = run_prefix(settings, "soak")
+    cfg = with_sections(settings, line={"camera": SOAK_CAMERA}, redis={"key_prefix": prefix})
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lineguard-soak-") as tmp:
-        if bundle is None:
-            from engines.bench import synthetic_bundle
-
-            say("building an untrained efficientnet_lite0 (lite) bundle at 256 px")
-            bundle_path = synthetic_bundle("efficientnet_lite0", "lite", 256, Path(tmp)).path
-        else:
-            bundle_path = Path(bundle)
+        bundle_path = bundle_or_untrained(bundle, Path(tmp), say)
         size = bundle_input_size(bundle_path)
         folder = synthetic_folder(Path(tmp) / "frames", size)
         with redis_url_for(cfg) as url:
@@ -283,9 +272,7 @@ def soak(
                     ingest.wait()
                 pipeline.stop()
                 if external:
-                    keys = list(soaker.client.scan_iter(match=f"{prefix}:*", count=1000))
-                    for i in range(0, len(keys), 1000):
-                        soaker.client.delete(*keys[i : i + 1000])
+                    delete_prefix(soaker.client, prefix)
                 soaker.close()
     result.update(
         rate=rate,
