@@ -73,7 +73,7 @@ from stream.protocol import (
     encode,
 )
 from stream.settings import Settings
-from stream.worker import BundleWatcher, ConsumerPruner, line_key
+from stream.worker import BundleWatcher, Reclaimer, line_key
 
 log = structlog.get_logger("lineguard.decide")
 
@@ -229,10 +229,6 @@ class DecideStage:
         self.state_key = line_key(bus, "decide", "next")
         self._script = bus.client.register_script(_COMMIT_LUA)
         self.watcher: BundleWatcher | None = None
-        self._next_reclaim = 0.0
-        self._reclaim_every_s = min(self.cfg.reclaim_idle_ms / 2000, 5.0)
-        self.pruner = ConsumerPruner(bus, "scores", self.cfg.group)
-        self._cursor = "0-0"
         self._next_inflight_check = 0.0
         self._issued: dict[str, int] = {}  # camera -> ingest's next seq, as last read
         self.counts = {
@@ -243,8 +239,20 @@ class DecideStage:
             "duplicates": 0,
             "dead": 0,
             "trimmed": 0,
+            "reclaimed": 0,
             "reloads": 0,
         }
+        self.reclaimer = Reclaimer(
+            bus,
+            "scores",
+            self.cfg.group,
+            self.consumer,
+            stage="decide",
+            min_idle_ms=self.cfg.reclaim_idle_ms,
+            count=self.cfg.count,
+            every_s=min(self.cfg.reclaim_idle_ms / 2000, 5.0),
+            counts=self.counts,
+        )
 
     # lifecycle ---------------------------------------------------------------------
 
@@ -256,7 +264,7 @@ class DecideStage:
             name = cam.decode() if isinstance(cam, bytes) else str(cam)
             nxt = int(value)
             self.cameras[name] = CameraState(next=nxt, hwm=nxt - 1)
-        self._next_reclaim = time.monotonic() + self._reclaim_every_s
+        self.reclaimer.rest()
 
     def _load_calibration(self) -> bool:
         bundle = load_bundle(self.bundle_path)
@@ -311,38 +319,16 @@ class DecideStage:
     def step(self) -> int:
         if self.watcher is not None and self.watcher.changed():
             self.reload()
-        n = 0
-        now = time.monotonic()
-        if now >= self._next_reclaim:
-            n = self._reclaim()
+        reclaimed = self.reclaimer.take()
+        if reclaimed:
+            self.process(reclaimed)
+        n = len(reclaimed)
         if not n:
             entries = self.reader.read(count=self.cfg.count, block_ms=self.cfg.block_ms)
             if entries:
                 self.process(entries)
             n = len(entries)
         return n + self.resolve_gaps()
-
-    def _reclaim(self) -> int:
-        r = self.bus.reclaim(
-            "scores",
-            self.cfg.group,
-            self.consumer,
-            min_idle_ms=self.cfg.reclaim_idle_ms,
-            count=self.cfg.count,
-            start_id=self._cursor,
-        )
-        self._cursor = r.cursor
-        if r.cursor == "0-0" and not r.entries:
-            self._next_reclaim = time.monotonic() + self._reclaim_every_s
-            self.pruner.maybe_prune()
-        if r.deleted_ids:
-            self.counts["trimmed"] += len(r.deleted_ids)
-            self.metrics.trimmed.labels("decide").inc(len(r.deleted_ids))
-            log.warning("decide.trimmed_pending", count=len(r.deleted_ids))
-        if r.entries:
-            self.metrics.reclaimed.labels("decide").inc(len(r.entries))
-            self.process(r.entries)
-        return len(r.entries)
 
     def camera(self, name: str) -> CameraState:
         cam = self.cameras.get(name)

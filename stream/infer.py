@@ -61,7 +61,7 @@ from stream.protocol import (
     decode_image,
 )
 from stream.settings import Settings
-from stream.worker import BundleWatcher, ConsumerPruner
+from stream.worker import BundleWatcher, Reclaimer
 
 log = structlog.get_logger("lineguard.infer")
 
@@ -170,9 +170,6 @@ class InferStage:
         self.watcher: BundleWatcher | None = None
         self.reader = bus.reader("frames", self.cfg.group, self.consumer)
         self.metrics = get_metrics()
-        self._cursor = "0-0"
-        self._next_reclaim = 0.0
-        self.pruner = ConsumerPruner(bus, "frames", self.cfg.group)
         self.counts = {
             "batches": 0,
             "frames": 0,
@@ -182,6 +179,17 @@ class InferStage:
             "reclaimed": 0,
             "reloads": 0,
         }
+        self.reclaimer = Reclaimer(
+            bus,
+            "frames",
+            self.cfg.group,
+            self.consumer,
+            stage="infer",
+            min_idle_ms=self.cfg.reclaim_idle_ms,
+            count=self.cfg.max_batch,
+            every_s=self.cfg.reclaim_interval_ms / 1000,
+            counts=self.counts,
+        )
 
     # lifecycle ---------------------------------------------------------------------
 
@@ -190,7 +198,7 @@ class InferStage:
         self.watcher = BundleWatcher(self.bundle_path, self.reload_interval_s)
         self.model = self._open()
         self.metrics.set_model("infer", self.model.version)
-        self._next_reclaim = time.monotonic() + self.cfg.reclaim_interval_ms / 1000
+        self.reclaimer.rest()
 
     def _open(self, bundle: Bundle | None = None) -> LoadedModel:
         """Open the bundle at ``bundle_path`` so that every file comes from one bundle.
@@ -249,11 +257,10 @@ class InferStage:
         assert self.model is not None, "setup() first"
         if self.watcher is not None and self.watcher.changed():
             self.reload()
-        now = time.monotonic()
-        if now >= self._next_reclaim:
-            n = self._reclaim()
-            if n:
-                return n
+        reclaimed = self.reclaimer.take()
+        if reclaimed:
+            self.process(reclaimed)
+            return len(reclaimed)
         entries = self.reader.read_batch(
             self.cfg.max_batch, self.cfg.max_delay_ms, self.cfg.block_ms
         )
@@ -280,36 +287,6 @@ class InferStage:
         self.metrics.set_model("infer", new.version, previous=old.version)
         log.info("infer.reloaded", old=old.version, new=new.version)
         return True
-
-    def _reclaim(self) -> int:
-        r = self.bus.reclaim(
-            "frames",
-            self.cfg.group,
-            self.consumer,
-            min_idle_ms=self.cfg.reclaim_idle_ms,
-            count=self.cfg.max_batch,
-            start_id=self._cursor,
-        )
-        self._cursor = r.cursor
-        now = time.monotonic()
-        # A full scan that wrapped around waits for the next interval; otherwise keep going.
-        if r.cursor == "0-0" and not r.entries:
-            self._next_reclaim = now + self.cfg.reclaim_interval_ms / 1000
-            self.pruner.maybe_prune(now)
-        if r.deleted_ids:
-            self.counts["trimmed"] += len(r.deleted_ids)
-            self.metrics.trimmed.labels("infer").inc(len(r.deleted_ids))
-            log.warning(
-                "infer.trimmed_pending",
-                count=len(r.deleted_ids),
-                first=r.deleted_ids[0],
-                note="frames were trimmed before scoring; decide reports them as uninspected",
-            )
-        if r.entries:
-            self.counts["reclaimed"] += len(r.entries)
-            self.metrics.reclaimed.labels("infer").inc(len(r.entries))
-            self.process(r.entries)
-        return len(r.entries)
 
     # processing --------------------------------------------------------------------
 

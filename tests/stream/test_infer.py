@@ -198,8 +198,8 @@ def test_consumers_of_workers_that_are_gone_are_pruned(bus: Bus, redis_url: str)
     # an old pod: it read once and left nothing pending; its name stays in the group forever
     bus.client.xreadgroup("infer", "pod-gone", {key: ">"}, count=1, block=None)
     time.sleep(0.05)
-    stage.pruner = ConsumerPruner(bus, "frames", "infer", idle_ms=20, every_s=0.0)
-    stage._next_reclaim = 0.0
+    stage.reclaimer.pruner = ConsumerPruner(bus, "frames", "infer", idle_ms=20, every_s=0.0)
+    stage.reclaimer.next_at = 0.0
     stage.step()
     names = {c["name"].decode() for c in bus.client.xinfo_consumers(key, "infer")}
     assert "pod-gone" not in names
