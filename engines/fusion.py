@@ -3,7 +3,9 @@
 Branch scores live on unrelated scales (a Mahalanobis distance, a max of a normalised map), so
 each is normalised with statistics of good validation images: CSAD's ``z_k = (s_k − μ_k) / σ_k``
 with μ, σ the 20–80 % trimmed mean and std, or PSAD's adaptive scaling
-``s_k / max(leave-one-out scores)`` (``method="loo_max"``: μ_k = 0, σ_k = that maximum).
+``s_k / max(leave-one-out scores)`` (``method="loo_max"``: μ_k = 0, σ_k = that maximum; for
+the memory banks the leave-one-out scores are PSAD's, from the training images, see
+``offline.calibrate``).
 
 The normalised scores are then combined: CSAD sums them (``combine="sum"``); lineguard's default
 takes the largest (``combine="max"``), i.e. a part fails when any one detector is sure. With a
@@ -128,6 +130,7 @@ def fit_calibration(
     method: str = "trimmed_z",
     loo_max: np.ndarray | None = None,
     combine: str = "max",
+    loo_offset: np.ndarray | None = None,
 ) -> Calibration:
     """Normalisation from good validation scores ``[N, K]`` and the threshold at ``target_frr``.
 
@@ -146,7 +149,10 @@ def fit_calibration(
     elif method == "loo_max":
         if loo_max is None:
             raise ValueError("method 'loo_max' needs the leave-one-out maxima per branch")
-        mu = (0.0,) * len(branches)
+        # A branch that publishes an affine map of its raw distance (s = a·d + b) gets μ = b and
+        # σ = a·max(LOO), so that (s − μ) / σ is exactly PSAD's d / max(LOO).
+        offset = np.zeros(len(branches)) if loo_offset is None else np.asarray(loo_offset)
+        mu = tuple(float(v) for v in offset)
         sigma = tuple(max(float(v), 1e-12) for v in np.asarray(loo_max, dtype=np.float64))
     else:
         raise ValueError(f"unknown method {method!r}; known: {METHODS}")

@@ -21,6 +21,14 @@ MAP_SCALE = 0.1  # same map normalisation as LGST, so the two maps can be summed
 BANK_CHUNK = 512  # bank rows per distance block
 
 
+def patch_descriptors(f4: torch.Tensor, f8: torch.Tensor, map_size: int) -> torch.Tensor:
+    """Stride-4 and stride-8 taps at the map resolution, 3×3 averaged: ``[B, D, s, s]``."""
+    size = (map_size, map_size)
+    a = f4 if f4.shape[-1] == map_size else F.interpolate(f4, size=size, mode="bilinear")
+    b = F.interpolate(f8, size=size, mode="bilinear", align_corners=False)
+    return F.avg_pool2d(torch.cat([a, b], dim=1), 3, stride=1, padding=1, count_include_pad=False)
+
+
 class PatchBank(nn.Module):
     """Nearest-neighbour distance of every patch to a bank of good patches."""
 
@@ -39,12 +47,7 @@ class PatchBank(nn.Module):
 
     def describe(self, f4: torch.Tensor, f8: torch.Tensor) -> torch.Tensor:
         """Patch descriptors ``[B, D, s, s]`` at the map resolution."""
-        size = (self.map_size, self.map_size)
-        a = f4 if f4.shape[-1] == self.map_size else F.interpolate(f4, size=size, mode="bilinear")
-        b = F.interpolate(f8, size=size, mode="bilinear", align_corners=False)
-        return F.avg_pool2d(
-            torch.cat([a, b], dim=1), 3, stride=1, padding=1, count_include_pad=False
-        )
+        return patch_descriptors(f4, f8, self.map_size)
 
     def distances(self, f4: torch.Tensor, f8: torch.Tensor) -> torch.Tensor:
         """Raw nearest-neighbour distance map ``[B, 1, s, s]``."""

@@ -18,9 +18,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from engines.backbones import backbone_spec, create_backbone
+from engines.banks import FewShotBank, ImageBank, class_shares, composition
 from engines.errors import ConfigError, InputError
 from engines.histogram import PatchHistogram
-from engines.knn import PatchBank
+from engines.knn import PatchBank, patch_descriptors
 from engines.lgst import LGST, PROFILES
 from engines.segmentation import SegmentationHead
 
@@ -55,6 +56,9 @@ class ModelConfig:
     hist_grids: tuple[int, ...] = (1, 2)
     seed: int = 0
     patch_bank: int = 0  # size of the patch memory bank; 0 leaves the branch out
+    hist_bank: int = 0  # good images in the class-histogram bank (PSAD); 0 leaves it out
+    comp_bank: int = 0  # good images in the composition-embedding bank (PSAD); 0 leaves it out
+    fewshot_shots: int = 0  # good images behind the training-free few-shot branch; 0: none
 
     def __post_init__(self) -> None:
         backbone_spec(self.backbone)  # raises with the list of known names
@@ -72,15 +76,24 @@ class ModelConfig:
             raise ConfigError(
                 f"histogram grids {self.hist_grids} must divide input_size {self.input_size}"
             )
-        if self.patch_bank < 0:
-            raise ConfigError(
-                f"patch_bank must be ≥ 0 (0 disables the branch), got {self.patch_bank}"
-            )
+        for name in ("patch_bank", "hist_bank", "comp_bank", "fewshot_shots"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{name} must be ≥ 0 (0 leaves the branch out), got {getattr(self, name)}"
+                )
+        if self.comp_bank and self.num_classes < 2:
+            raise ConfigError("comp_bank needs at least one component class")
 
     @property
     def branches(self) -> tuple[str, ...]:
         """Names of the columns of ``scores``, in order."""
-        return CSAD_BRANCHES + (("patch_knn",) if self.patch_bank else ())
+        optional = {
+            "patch_knn": self.patch_bank,
+            "hist_knn": self.hist_bank,
+            "comp_knn": self.comp_bank,
+            "fewshot_knn": self.fewshot_shots,
+        }
+        return CSAD_BRANCHES + tuple(name for name, size in optional.items() if size)
 
     @property
     def num_classes(self) -> int:
@@ -109,7 +122,7 @@ class ModelConfig:
 
 
 class CSADModel(nn.Module):
-    """Backbone → {segmentation → Patch Histogram, LGST, optional patch bank} → ``Outputs``."""
+    """Backbone → {segmentation → Patch Histogram, LGST, optional banks} → ``Outputs``."""
 
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
@@ -129,6 +142,22 @@ class CSADModel(nn.Module):
         if config.patch_bank:
             dim = spec.channels[4] + spec.channels[8]
             self.patch_knn = PatchBank(dim, config.patch_bank, config.map_size)
+        descriptor_dim = spec.channels[4] + spec.channels[8]
+        self.hist_knn = (
+            ImageBank(config.num_classes, config.hist_bank) if config.hist_bank else None
+        )
+        self.comp_knn = (
+            ImageBank((config.num_classes - 1) * descriptor_dim, config.comp_bank)
+            if config.comp_bank
+            else None
+        )
+        self.fewshot_knn = (
+            FewShotBank(
+                spec.channels[8] + spec.channels[16], config.fewshot_shots, config.input_size // 8
+            )
+            if config.fewshot_shots
+            else None
+        )
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, H, W, 3]`` RGB → normalised float ``[B, 3, S, S]``."""
@@ -156,6 +185,16 @@ class CSADModel(nn.Module):
             knn_map = self.patch_knn(features[0], features[1])
             columns.append(knn_map.amax(dim=(1, 2, 3)))
             amap = amap + knn_map
+        if self.hist_knn is not None:
+            columns.append(
+                self.hist_knn(class_shares(labels, self.config.num_classes, x.shape[-1]))
+            )
+        if self.comp_knn is not None:
+            desc = patch_descriptors(features[0], features[1], self.config.map_size)
+            cell = self.config.input_size // self.config.map_size
+            columns.append(self.comp_knn(composition(desc, labels, self.config.num_classes, cell)))
+        if self.fewshot_knn is not None:
+            columns.append(self.fewshot_knn(features[1], features[2]))
         return Outputs(torch.stack(columns, dim=1), amap, labels.to(torch.uint8))
 
 

@@ -9,7 +9,7 @@ Order matters because each statistic normalises the next:
 3. each histogram detector's trimmed μ, σ on validation goods (CSAD sums them normalised);
 4. per-branch fusion statistics and the threshold at the target false-reject rate, from the
    validation goods' raw branch scores. The leave-one-out maxima for PSAD's alternative
-   normalisation are stored beside them.
+   normalisation are stored beside them (from the training images for the memory banks).
 
 Test images are never looked at here (the reference CSAD code selects checkpoints on the test
 set; we do not).
@@ -24,6 +24,7 @@ import torch
 
 from engines.fusion import Calibration, fit_calibration
 from engines.histogram import class_histograms, fit_gaussian, trimmed_stats
+from engines.knn import MAP_SCALE
 from engines.model import CSADModel
 from offline.banks import calibrate_bank_quantiles
 from offline.lgst_train import calibrate_map_quantiles
@@ -41,14 +42,34 @@ def raw_scores(model: CSADModel, images: np.ndarray, batch: int = 16) -> np.ndar
     return np.concatenate(parts).astype(np.float64)
 
 
-def leave_one_out_max(scores: np.ndarray) -> np.ndarray:
-    """Per-branch maximum over held-out good images.
+def leave_one_out_max(
+    model: CSADModel, val_scores: np.ndarray, bank_loo: dict[str, list[float]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-branch ``(max LOO score, offset)`` for PSAD's adaptive scaling ``s / max(LOO)``.
 
-    PSAD's adaptive scaling divides by the largest leave-one-out score of the training set,
-    i.e. the worst score a good sample gets when it is not part of the model. Validation goods
-    were never part of training, so each of their scores already is a leave-one-out score.
+    Memory banks (``*_knn``) use PSAD's own formula: each training image scored against the
+    bank without its own entries (``bank_loo``, raw distances from ``offline.banks``). The patch
+    bank publishes ``a·d + b`` (its map is quantile-normalised), so the offset ``b`` and scale
+    ``a`` come along to make the normalised score exactly ``d / max(LOO)``. Branches without a
+    bank (the histogram Mahalanobis, LGST), and the 1-shot few-shot branch, have no training
+    leave-one-out; validation goods never took part in training, so each of their scores
+    already is a held-out score and their maximum stands in.
     """
-    return np.asarray(scores, dtype=np.float64).max(axis=0)
+    scores = np.asarray(val_scores, dtype=np.float64)
+    maxima = scores.max(axis=0)
+    offsets = np.zeros(len(model.config.branches))
+    for k, name in enumerate(model.config.branches):
+        values = (bank_loo or {}).get(name) or []
+        if not values:
+            continue
+        raw = float(np.max(values))
+        if name == "patch_knn" and model.patch_knn is not None:
+            qa, qb = float(model.patch_knn.q_a), float(model.patch_knn.q_b)
+            a = MAP_SCALE / (qb - qa)
+            offsets[k], maxima[k] = -a * qa, a * raw
+        else:
+            maxima[k] = raw
+    return maxima, offsets
 
 
 def fit_histogram_statistics(
@@ -75,6 +96,7 @@ def calibrate(
     target_frr: float = 0.01,
     method: str = "trimmed_z",
     combine: str = "max",
+    bank_loo: dict[str, list[float]] | None = None,
 ) -> tuple[Calibration, np.ndarray]:
     """Fill the model's statistic buffers and return the fusion calibration and val scores."""
     model.eval()
@@ -82,7 +104,7 @@ def calibrate(
     calibrate_map_quantiles(model, val_images)
     calibrate_bank_quantiles(model, val_images)
     val_scores = raw_scores(model, val_images)
-    loo = leave_one_out_max(val_scores)
+    loo, offsets = leave_one_out_max(model, val_scores, bank_loo)
     calibration = fit_calibration(
         model.config.branches,
         val_scores,
@@ -90,6 +112,11 @@ def calibrate(
         method=method,
         loo_max=loo,
         combine=combine,
+        loo_offset=offsets,
     )
-    extra = dict(calibration.extra, loo_max=[float(v) for v in loo])
+    extra = dict(
+        calibration.extra,
+        loo_max=[float(v) for v in loo],
+        loo_offset=[float(v) for v in offsets],
+    )
     return replace(calibration, extra=extra), val_scores

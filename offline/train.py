@@ -1,7 +1,7 @@
 """``lineguard train``: from a folder of good images to a calibrated bundle, resumably.
 
 Five stages, each with a progress bar and each saved when it finishes in a work directory next
-to the bundle (``<out>.work/``): pseudo-labels, segmentation, LGST, patch bank, calibration.
+to the bundle (``<out>.work/``): pseudo-labels, segmentation, LGST, memory banks, calibration.
 Killing the run and starting it again continues after the last finished stage; a work
 directory written for different data or settings is refused rather than silently mixed in
 (``restart=True`` clears it). Only good images are used: train for fitting, validation for
@@ -28,14 +28,14 @@ from safetensors.torch import load_file, save_file
 from engines.bundle import Bundle, load_bundle, save_bundle
 from engines.errors import ConfigError, LineguardError
 from engines.model import CSADModel, ModelConfig
-from offline.banks import fit_patch_bank
+from offline.banks import BANK_BRANCHES, fit_banks
 from offline.calibrate import calibrate
 from offline.datasets import Dataset, load_image, open_dataset
 from offline.lgst_train import LGSTTrainConfig, fit_teacher_normalisation, train_lgst
 from offline.pseudo_labels import MaskGenerator, PseudoLabelConfig, generate_pseudo_labels
 from offline.seg_train import SegTrainConfig, train_segmentation
 
-STAGES = ("pseudo_labels", "segmentation", "lgst", "patch_bank", "calibration")
+STAGES = ("pseudo_labels", "segmentation", "lgst", "banks", "calibration")
 STATE = "state.json"
 
 
@@ -48,6 +48,9 @@ class TrainPreset:
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     max_train: int | None = None  # cap on training images (the demo uses a subset)
     patch_bank: int = 4096  # patch memory bank size; 0 trains CSAD's two branches only
+    hist_bank: bool = False  # PSAD's class-histogram bank over every training image
+    comp_bank: bool = False  # PSAD's composition-embedding bank over every training image
+    fewshot_shots: int = 0  # training-free few-shot branch from the first k training images
 
 
 PRESETS: dict[str, TrainPreset] = {
@@ -142,6 +145,10 @@ def train_bundle(
     fusion: str = "max",
     labels_dir: Path | str | None = None,
     mask_generator: MaskGenerator | None = None,
+    patch_bank: int | None = None,
+    hist_bank: bool | None = None,
+    comp_bank: bool | None = None,
+    fewshot_shots: int | None = None,
     progress: bool = True,
     restart: bool = False,
     log: Callable[[str], None] | None = None,
@@ -152,6 +159,13 @@ def train_bundle(
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         preset = PRESETS[preset]
+    overrides = {
+        "patch_bank": patch_bank,
+        "hist_bank": hist_bank,
+        "comp_bank": comp_bank,
+        "fewshot_shots": fewshot_shots,
+    }
+    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"device {device!r} asked for but torch sees no CUDA GPU: use --device cpu"
@@ -231,7 +245,15 @@ def train_bundle(
         profile=profile,
         class_names=tuple(state["class_names"]),
         patch_bank=preset.patch_bank,
+        hist_bank=len(train_images) if preset.hist_bank else 0,
+        comp_bank=len(train_images) if preset.comp_bank else 0,
+        fewshot_shots=preset.fewshot_shots,
     )
+    if preset.fewshot_shots > len(train_images):
+        raise ConfigError(
+            f"the few-shot branch wants {preset.fewshot_shots} images; there are "
+            f"{len(train_images)} training images"
+        )
     model = CSADModel(config, backbone_weights="imagenet").to(device).eval()
 
     def stage(name: str, title: str, module: torch.nn.Module, run: Callable[[], dict]) -> None:
@@ -283,16 +305,18 @@ def train_bundle(
 
     stage("lgst", "stage 3/5: LGST", model.lgst, fit_lgst)
 
-    # --- 4. patch bank (no training: a coreset of good patches) ------------------------------
-    def fit_bank() -> dict:
-        assert model.patch_knn is not None
-        with _progress(config.patch_bank, "coreset", progress) as bar:
-            info = fit_patch_bank(model, train_images, on_progress=lambda i: bar.update(i - bar.n))
-            bar.update(config.patch_bank - bar.n)
-        return info
+    # --- 4. memory banks (no training: good patches and vectors, kept) ----------------------
+    banks = torch.nn.ModuleDict(
+        {name: module for name in BANK_BRANCHES if (module := getattr(model, name)) is not None}
+    )
 
-    if model.patch_knn is not None:
-        stage("patch_bank", "stage 4/5: patch memory bank", model.patch_knn, fit_bank)
+    if len(banks):
+        stage(
+            "banks",
+            "stage 4/5: memory banks",
+            banks,
+            lambda: fit_banks(model, train_images, progress=progress),
+        )
     if "calibration" in state["done"] and (out / "manifest.json").exists():
         note(f"all stages done: {out} is up to date (pass --restart to train again)")
         return load_bundle(out)
@@ -308,6 +332,7 @@ def train_bundle(
         target_frr=target_frr,
         method=normalisation,
         combine=fusion,
+        bank_loo=state.get("banks_info", {}).get("loo"),
     )
     extra = {
         "dataset": str(Path(data_dir).resolve()),

@@ -26,7 +26,11 @@ TINY_PRESET = TrainPreset(
     lgst=LGSTTrainConfig(steps=4, batch_size=2),
     pseudo=PseudoLabelConfig(clusters=8, feature_size=64, max_classes=4),
     patch_bank=64,
+    hist_bank=True,
+    comp_bank=True,
+    fewshot_shots=2,
 )
+ALL_BRANCHES = ("patch_hist", "lgst", "patch_knn", "hist_knn", "comp_knn", "fewshot_knn")
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +58,18 @@ def trained(line: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_writes_a_verified_calibrated_bundle(trained: Path) -> None:
     bundle = load_bundle(trained)
-    assert bundle.branches == ("patch_hist", "lgst", "patch_knn")
+    assert bundle.branches == ALL_BRANCHES
+    assert bundle.config.hist_bank == bundle.config.comp_bank == 10  # every training image
     assert bundle.config.num_classes >= 2
     assert np.isfinite(bundle.calibration.threshold)
     assert bundle.manifest["extra"]["n_validation"] == 6
     model = bundle.build_model()
-    assert float(model.patch_knn.bank_sq.sum()) > 0  # the bank was filled
+    assert float(model.patch_knn.bank_sq.sum()) > 0  # the banks were filled
+    assert float(model.hist_knn.bank_sq.sum()) > 0 and float(model.comp_knn.bank_sq.sum()) > 0
+    assert float(model.fewshot_knn.bank.norm(dim=1).min()) == pytest.approx(1.0, abs=1e-4)
     assert float(model.lgst.teacher.std.min()) > 0  # teacher normalisation was fitted
     state = json.loads((trained.with_name("tray.work") / "state.json").read_text())
-    assert state["done"] == ["pseudo_labels", "segmentation", "lgst", "patch_bank", "calibration"]
+    assert state["done"] == ["pseudo_labels", "segmentation", "lgst", "banks", "calibration"]
 
 
 def test_interrupted_training_resumes_after_the_last_finished_stage(
@@ -112,7 +119,7 @@ def test_evaluation_reports_metrics_and_pictures(trained: Path, line: Path, tmp_
     m = result.metrics
     assert m["n_images"] == 13 and m["n_good"] == 4
     assert set(m["by_type"]) == {"logical", "structural"}
-    assert set(m["overall"]["branches"]) == {"patch_hist", "lgst", "patch_knn"}
+    assert set(m["overall"]["branches"]) == set(ALL_BRANCHES)
     for name in ("report.html", "metrics.json", "misses.png", "false_alarms.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert "data:image/png;base64" in (tmp_path / "eval" / "report.html").read_text()
@@ -209,3 +216,66 @@ def test_a_plain_surface_without_components_still_trains(tmp_path: Path) -> None
     with torch.inference_mode():
         out = bundle.build_model()(torch.from_numpy(images))
     assert int(out.segmentation.max()) == 0  # every pixel background: a constant histogram
+
+
+def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
+    trained: Path, line: Path, tmp_path: Path
+) -> None:
+    from offline.banks import image_vectors
+    from offline.datasets import load_image, open_dataset
+    from offline.refit import refit_bundle
+
+    source = load_bundle(trained)
+    out = refit_bundle(
+        trained,
+        line,
+        tmp_path / "refit",
+        patch_bank=32,
+        comp_bank=False,
+        fewshot_shots=0,
+        normalisation="loo_max",
+        fusion="sum",
+    )
+    assert out.branches == ("patch_hist", "lgst", "patch_knn", "hist_knn")
+    assert out.calibration.method == "loo_max" and out.calibration.combine == "sum"
+    assert out.manifest["extra"]["refit_from"] == source.version
+    assert load_bundle(trained).version == source.version  # the source is left as it was
+    before, after = source.state_dict(), out.state_dict()
+    for key, value in before.items():
+        if key.startswith(("segmenter.", "lgst.student", "lgst.autoencoder", "backbone.")):
+            assert torch.equal(value, after[key]), key
+    # hist_knn is divided by PSAD's max leave-one-out distance over the training images
+    model = out.build_model()
+    train = np.stack([load_image(s.path, 64) for s in open_dataset(line).train])
+    z = model.hist_knn.standardise(torch.from_numpy(image_vectors(model, train)["hist_knn"]))
+    d = torch.cdist(z, z).fill_diagonal_(float("inf")).amin(dim=1)
+    k = out.branches.index("hist_knn")
+    assert out.calibration.mu[k] == 0.0
+    assert out.calibration.sigma[k] == pytest.approx(float(d.max()), rel=1e-4)
+    with pytest.raises(LineguardError, match="other than the source"):
+        refit_bundle(trained, line, trained)
+
+
+def test_loo_scaling_of_the_patch_bank_is_psads_formula() -> None:
+    from offline.calibrate import leave_one_out_max
+
+    config = ModelConfig(input_size=64, class_names=("bg", "a"), patch_bank=8)
+    model = CSADModel(config, backbone_weights=None)
+    model.patch_knn.q_a.fill_(1.0)
+    model.patch_knn.q_b.fill_(3.0)
+    d = 4.0  # a raw nearest-neighbour distance; the graph publishes 0.1·(d − 1) / (3 − 1)
+    published = np.array([[0.0, 0.0, 0.1 * (d - 1.0) / 2.0]])
+    maxima, offsets = leave_one_out_max(model, published, {"patch_knn": [2.0, 5.0]})
+    assert (published[0, 2] - offsets[2]) / maxima[2] == pytest.approx(d / 5.0)
+    assert offsets[:2].tolist() == [0.0, 0.0]  # no bank: validation maximum, no offset
+
+
+def test_fewshot_curve_from_k_good_images(line: Path) -> None:
+    from offline.fewshot import fewshot_curve
+
+    result = fewshot_curve(line, (1, 2), input_size=64)
+    assert [row["shots"] for row in result["curve"]] == [1, 2]
+    for row in result["curve"]:
+        assert 0.0 <= row["auroc"] <= 1.0 and set(row["by_type"]) == {"logical", "structural"}
+    with pytest.raises(LineguardError, match="shots"):
+        fewshot_curve(line, (0, 11), input_size=64)
