@@ -1014,9 +1014,21 @@ def train(
     labels: Annotated[
         Path | None, typer.Option(help="Few-shot mode: folder of <stem>.png label maps.")
     ] = None,
+    patch_bank: Annotated[
+        int | None, typer.Option(help="Patch memory bank size (0: none); default from preset.")
+    ] = None,
+    hist_bank: Annotated[
+        bool | None, typer.Option(help="PSAD class-histogram bank over the training images.")
+    ] = None,
+    comp_bank: Annotated[
+        bool | None, typer.Option(help="PSAD composition-embedding bank over the training images.")
+    ] = None,
+    fewshot: Annotated[
+        int | None, typer.Option(help="Training-free few-shot branch from the first K images.")
+    ] = None,
     restart: Annotated[bool, typer.Option(help="Discard finished stages and start over.")] = False,
 ) -> None:
-    """Pseudo-labels → segmentation → LGST → patch bank → calibration → bundle (resumable)."""
+    """Pseudo-labels → segmentation → LGST → memory banks → calibration → bundle (resumable)."""
     from offline.train import train_bundle
 
     bundle = train_bundle(
@@ -1030,6 +1042,10 @@ def train(
         normalisation=normalisation,
         fusion=fusion,
         labels_dir=labels,
+        patch_bank=patch_bank,
+        hist_bank=hist_bank,
+        comp_bank=comp_bank,
+        fewshot_shots=fewshot,
         restart=restart,
         log=lambda msg: err_console.print(msg, highlight=False),
     )
@@ -1078,6 +1094,81 @@ def evaluate(
     )
     console.print(f"report: {result.report_dir / 'report.html'}")
     _write_json(json_path, m)
+
+
+@app.command()
+@friendly_errors
+def refit(
+    bundle_dir: Annotated[Path, typer.Argument(help="Trained bundle to start from.")],
+    data_dir: Annotated[Path, typer.Argument(help="The dataset it was trained on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New bundle directory.")],
+    patch_bank: Annotated[int | None, typer.Option(help="Patch bank size (0: none).")] = None,
+    hist_bank: Annotated[bool | None, typer.Option(help="PSAD class-histogram bank.")] = None,
+    comp_bank: Annotated[bool | None, typer.Option(help="PSAD composition bank.")] = None,
+    fewshot: Annotated[int | None, typer.Option(help="Few-shot branch from K images.")] = None,
+    normalisation: Annotated[
+        str | None, typer.Option(help="trimmed_z (CSAD) or loo_max (PSAD).")
+    ] = None,
+    fusion: Annotated[str | None, typer.Option(help="max or sum.")] = None,
+    target_frr: Annotated[float | None, typer.Option(help="Threshold's false-reject rate.")] = None,
+) -> None:
+    """Refill the memory banks and recalibrate a trained bundle, without retraining (minutes)."""
+    from offline.refit import refit_bundle
+
+    bundle = refit_bundle(
+        bundle_dir,
+        data_dir,
+        out,
+        patch_bank=patch_bank,
+        hist_bank=hist_bank,
+        comp_bank=comp_bank,
+        fewshot_shots=fewshot,
+        normalisation=normalisation,
+        fusion=fusion,
+        target_frr=target_frr,
+        progress=True,
+        log=lambda msg: err_console.print(msg, highlight=False),
+    )
+    console.print(
+        f"bundle {bundle.path} ready: model {bundle.version}, branches {', '.join(bundle.branches)}"
+    )
+
+
+@app.command("fewshot-curve")
+@friendly_errors
+def fewshot_curve_command(
+    data_dir: Annotated[Path, typer.Argument(help="Dataset with train goods and a test split.")],
+    shots: Annotated[str, typer.Option(help="Comma-separated k values.")] = "1,2,4,8",
+    backbone: Annotated[str, typer.Option(help="Backbone for the patch features.")] = (
+        "efficientnet_lite0"
+    ),
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write it here.")] = None,
+) -> None:
+    """AUROC of the training-free few-shot branch from k good images (no training at all)."""
+    from engines.errors import ConfigError
+    from offline.fewshot import fewshot_curve
+
+    try:
+        ks = [int(v) for v in shots.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--shots takes integers like 1,2,4,8, got {shots!r}") from exc
+    result = fewshot_curve(
+        data_dir, ks, backbone=backbone, log=lambda msg: err_console.print(msg, highlight=False)
+    )
+    types = sorted({t for row in result["curve"] for t in row["by_type"]})
+    table = Table(title=f"few-shot branch on {data_dir}")
+    for col in ("k", "AUROC", *(f"AUROC {t}" for t in types), "F1-max", "masking"):
+        table.add_column(col, justify="right")
+    for row in result["curve"]:
+        table.add_row(
+            str(row["shots"]),
+            f"{row['auroc']:.3f}",
+            *(f"{row['by_type'][t]:.3f}" for t in types),
+            f"{row['f1_max']:.3f}",
+            "on" if row["masking"] else "off",
+        )
+    console.print(table)
+    _write_json(json_path, result)
 
 
 bundle_app = typer.Typer(help="Inspect and verify model bundles.", no_args_is_help=True)

@@ -19,7 +19,7 @@ from tests.stream.pipeline_helpers import all_events, split_bundle, write_folder
 
 COMMANDS = [
     ["run"], ["ingest"], ["infer"], ["decide"], ["replay"], ["events"], ["health"], ["demo"],
-    ["bench", "e2e"], ["bench", "model"],
+    ["bench", "e2e"], ["bench", "model"], ["train"], ["refit"], ["evaluate"], ["fewshot-curve"],
 ]  # fmt: skip
 
 
@@ -59,6 +59,8 @@ def test_every_command_has_help(command: list[str]) -> None:
         ({}, ["replay", "somewhere"], "LINEGUARD_REDIS__URL"),
         ({}, ["run", "--bundle", "nope", "--source", "x"], "nope"),
         ({}, ["bench", "e2e", "--rate", "fast"], "rate"),
+        ({}, ["refit", "nope", "data", "--out", "x"], "nope"),
+        ({}, ["fewshot-curve", "data", "--shots", "1,two"], "--shots"),
     ],
 )  # fmt: skip
 def test_bad_settings_give_one_readable_line(

@@ -1,0 +1,100 @@
+"""``lineguard refit``: new memory banks and calibration for a trained bundle, without training.
+
+The banks need no gradient steps — good patches and vectors, kept — so switching one on, resizing
+the patch bank, re-filling the banks after new good images were collected, or changing the
+normalisation takes minutes, while retraining the segmentation and LGST takes half an hour. The
+networks' weights are copied unchanged; every bank and every calibration statistic is fitted
+again from the dataset's good images, as ``lineguard train`` does in its last two stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from engines.bundle import Bundle, load_bundle, save_bundle
+from engines.errors import BundleError, ConfigError
+from engines.model import CSADModel
+from offline.banks import BANK_BRANCHES, fit_banks
+from offline.calibrate import calibrate
+from offline.datasets import load_image, open_dataset
+
+
+def refit_bundle(
+    bundle_dir: Path | str,
+    data_dir: Path | str,
+    out: Path | str,
+    *,
+    patch_bank: int | None = None,
+    hist_bank: bool | None = None,
+    comp_bank: bool | None = None,
+    fewshot_shots: int | None = None,
+    normalisation: str | None = None,
+    fusion: str | None = None,
+    target_frr: float | None = None,
+    max_train: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda _m: None,
+) -> Bundle:
+    """A copy of the bundle at ``out`` with the banks and calibration fitted again.
+
+    ``None`` keeps the bundle's current setting; ``hist_bank``/``comp_bank`` hold every training
+    image (up to ``max_train``) when switched on.
+    """
+    source = load_bundle(bundle_dir)
+    if Path(out).resolve() == source.path.resolve():
+        raise ConfigError("refit writes a new bundle: choose an --out other than the source")
+    dataset = open_dataset(data_dir)
+    size = source.config.input_size
+    train = dataset.train if max_train is None else dataset.train[:max_train]
+    log(f"reading {len(train)} training and {len(dataset.validation)} validation images")
+    train_images = np.stack([load_image(s.path, size) for s in train])
+    val_images = np.stack([load_image(s.path, size) for s in dataset.validation])
+    old = source.config
+
+    def images_if(on: bool | None, current: int) -> int:
+        return len(train_images) if (bool(current) if on is None else on) else 0
+
+    config = replace(
+        old,
+        patch_bank=old.patch_bank if patch_bank is None else patch_bank,
+        hist_bank=images_if(hist_bank, old.hist_bank),
+        comp_bank=images_if(comp_bank, old.comp_bank),
+        fewshot_shots=old.fewshot_shots if fewshot_shots is None else fewshot_shots,
+    )
+    if config.fewshot_shots > len(train_images):
+        raise ConfigError(
+            f"the few-shot branch wants {config.fewshot_shots} images; the dataset has "
+            f"{len(train_images)} training images"
+        )
+    model = CSADModel(config, backbone_weights=None)
+    networks = {
+        k: v for k, v in source.state_dict().items() if k.split(".")[0] not in BANK_BRANCHES
+    }
+    result = model.load_state_dict(networks, strict=False)
+    stray = [k for k in result.missing_keys if k.split(".")[0] not in BANK_BRANCHES]
+    if stray or result.unexpected_keys:
+        raise BundleError(
+            f"{source.path} does not match its config: missing {stray[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    model.eval()
+    log(f"fitting memory banks: {', '.join(b for b in config.branches if b in BANK_BRANCHES)}")
+    info = fit_banks(model, train_images, progress=progress)
+    log("calibrating on validation goods")
+    previous = source.calibration
+    calibration, _ = calibrate(
+        model,
+        train_images,
+        val_images,
+        target_frr=target_frr if target_frr is not None else previous.target_frr or 0.01,
+        method=normalisation or previous.method,
+        combine=fusion or previous.combine,
+        bank_loo=info["loo"],
+    )
+    extra = dict(source.manifest.get("extra", {}))
+    extra.update(refit_from=source.version, n_train=len(train_images), n_validation=len(val_images))
+    return save_bundle(model, out, calibration, overwrite=True, extra=extra)
