@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engines.histogram import class_histograms
+from engines.knn import nearest_sq
 
 STD_FLOOR = 1e-3  # a dimension constant over the good images must not divide by ~0
 FOREGROUND_TOP = 0.02  # paper 002: mean of the top 2 % patch dissimilarities
@@ -59,18 +60,6 @@ def composition(
     sums = torch.bmm(weights, feats)  # [B, C-1, D]
     means = sums / weights.sum(dim=2, keepdim=True).clamp_min(1e-6)
     return means.flatten(1)
-
-
-def _nearest_sq(q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distance of each row of ``q`` to its nearest bank row."""
-    best: torch.Tensor | None = None
-    for start in range(0, bank.shape[0], BANK_CHUNK):
-        part = torch.addmm(
-            bank_sq[start : start + BANK_CHUNK], q, bank[start : start + BANK_CHUNK].T, alpha=-2.0
-        ).amin(dim=1)
-        best = part if best is None else torch.minimum(best, part)
-    assert best is not None
-    return (best + (q * q).sum(dim=1)).clamp_min(0)
 
 
 def leave_one_out(vectors: np.ndarray) -> np.ndarray:
@@ -104,7 +93,7 @@ class ImageBank(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return self.forward(x.float())
-        return _nearest_sq(self.standardise(x), self.bank, self.bank_sq).sqrt()
+        return nearest_sq(self.standardise(x), self.bank, self.bank_sq).sqrt()
 
     def fit(self, vectors: np.ndarray) -> np.ndarray:
         """Store the good images' vectors; returns their leave-one-out distances."""

@@ -21,6 +21,26 @@ MAP_SCALE = 0.1  # same map normalisation as LGST, so the two maps can be summed
 BANK_CHUNK = 512  # bank rows per distance block
 
 
+def nearest_sq(
+    q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, chunk: int = BANK_CHUNK
+) -> torch.Tensor:
+    """Squared Euclidean distance of each row of ``q`` ``[N, D]`` to its nearest bank row.
+
+    ‖q − m‖² = ‖q‖² − 2 q·m + ‖m‖²: minimise ‖m‖² − 2 q·m over the bank with one fused
+    multiply-add (Gemm in ONNX) per bank chunk, then add ‖q‖². Chunks bound the memory of the
+    distance matrix (8 MB per 256² image at 512 rows) and their count is fixed by the bank
+    size, not by the batch, so the exported graph keeps its dynamic batch axis.
+    """
+    best: torch.Tensor | None = None
+    for start in range(0, bank.shape[0], chunk):
+        part = torch.addmm(
+            bank_sq[start : start + chunk], q, bank[start : start + chunk].T, alpha=-2.0
+        ).amin(dim=1)
+        best = part if best is None else torch.minimum(best, part)
+    assert best is not None
+    return (best + (q * q).sum(dim=1)).clamp_min(0)
+
+
 def patch_descriptors(f4: torch.Tensor, f8: torch.Tensor, map_size: int) -> torch.Tensor:
     """Stride-4 and stride-8 taps at the map resolution, 3×3 averaged: ``[B, D, s, s]``."""
     size = (map_size, map_size)
@@ -58,21 +78,7 @@ class PatchBank(nn.Module):
         x = self.describe(f4, f8).to(torch.float32)
         b, d, h, w = x.shape
         q = x.permute(0, 2, 3, 1).reshape(-1, d)
-        # ‖q − m‖² = ‖q‖² − 2 q·m + ‖m‖²: minimise ‖m‖² − 2 q·m over the bank with one fused
-        # multiply-add (Gemm in ONNX) per bank chunk, then add ‖q‖². Chunks bound the memory
-        # of the distance matrix (8 MB per image) and their count is fixed, not per batch.
-        best: torch.Tensor | None = None
-        for start in range(0, self.bank.shape[0], BANK_CHUNK):
-            part = torch.addmm(
-                self.bank_sq[start : start + BANK_CHUNK],
-                q,
-                self.bank[start : start + BANK_CHUNK].T,
-                beta=1.0,
-                alpha=-2.0,
-            ).amin(dim=1)
-            best = part if best is None else torch.minimum(best, part)
-        assert best is not None
-        nearest = (best + (q * q).sum(dim=1)).clamp_min(0).sqrt()
+        nearest = nearest_sq(q, self.bank, self.bank_sq).sqrt()
         return nearest.reshape(b, 1, h, w)
 
     def forward(self, f4: torch.Tensor, f8: torch.Tensor) -> torch.Tensor:

@@ -843,6 +843,56 @@ def demo(
         raise typer.Exit(code=1)
 
 
+@bench_app.command("knn")
+@friendly_errors
+def bench_knn_cmd(
+    sizes: Annotated[str, typer.Option(help="Comma-separated bank sizes.")] = (
+        "1024,4096,16384,65536,262144"
+    ),
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated: graph-torch, graph-onnxruntime, faiss-flat|ivf|hnsw."),
+    ] = "graph-torch,graph-onnxruntime,faiss-flat,faiss-ivf,faiss-hnsw",
+    dim: Annotated[int, typer.Option(help="Descriptor size (lite0's patch bank: 64).")] = 64,
+    queries: Annotated[int, typer.Option(help="Patches per image (64×64 map: 4096).")] = 4096,
+    min_time: Annotated[float, typer.Option(help="Seconds to time each configuration.")] = 2.0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the rows as JSON here.")
+    ] = None,
+) -> None:
+    """Patch-bank search: in-graph matrix product vs faiss, per bank size, and the crossover."""
+    from engines.knn_search import bench_knn, crossover, rows_to_json
+
+    rows = bench_knn(
+        split_list(sizes, int),
+        dim=dim,
+        queries=queries,
+        methods=tuple(split_list(methods)),
+        min_time_s=min_time,
+        progress=lambda msg: err_console.print(f"[dim]timing {msg}…[/dim]"),
+    )
+    table = Table(title=f"lineguard bench knn ({queries} queries of dim {dim} per image)")
+    for col in ("method", "bank", "ms/image p50", "p99 ms", "build s", "recall"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r.method,
+            str(r.bank),
+            f"{r.ms_per_image:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.build_s:.2f}",
+            f"{r.recall:.3f}",
+        )
+    console.print(table)
+    for method, size in crossover(rows).items():
+        console.print(
+            f"{method} beats the in-graph search from bank size {size}"
+            if size
+            else f"{method} never beats the in-graph search at these sizes"
+        )
+    _write_json(json_path, rows_to_json(rows))
+
+
 @bench_app.command("e2e")
 @friendly_errors
 def bench_e2e_cmd(

@@ -19,7 +19,8 @@ from tests.stream.pipeline_helpers import all_events, split_bundle, write_folder
 
 COMMANDS = [
     ["run"], ["ingest"], ["infer"], ["decide"], ["replay"], ["events"], ["health"], ["demo"],
-    ["bench", "e2e"], ["bench", "model"], ["train"], ["refit"], ["evaluate"], ["fewshot-curve"],
+    ["bench", "e2e"], ["bench", "model"], ["bench", "knn"],
+    ["train"], ["refit"], ["evaluate"], ["fewshot-curve"],
 ]  # fmt: skip
 
 
