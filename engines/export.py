@@ -17,7 +17,15 @@ from engines.errors import ConfigError
 from engines.model import CSADModel, Outputs
 
 INPUT_NAME = "images"
-OUTPUT_NAMES = tuple(Outputs._fields)
+OUTPUT_NAMES = tuple(Outputs._fields[:3])  # every graph has these
+FEATURES_NAME = "patch_features"  # only a graph whose patch bank is searched after it
+
+
+def output_names(model: CSADModel) -> tuple[str, ...]:
+    searched_outside = model.patch_knn is not None and model.config.patch_search != "graph"
+    return OUTPUT_NAMES + ((FEATURES_NAME,) if searched_outside else ())
+
+
 MIN_OPSET = 17
 
 
@@ -42,8 +50,8 @@ def export_onnx(model: CSADModel, path: str | Path, *, opset: int = MIN_OPSET) -
                 (example,),
                 str(path),
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                output_names=list(output_names(model)),
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names(model))},
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,

@@ -14,6 +14,7 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class FaissSearch:
             faiss.omp_set_num_threads(threads)
         m, d = x.shape
         self.kind = kind
+        self.index: Any
         if kind == "flat":
             self.index = faiss.IndexFlatL2(d)
         elif kind == "ivf":
@@ -78,6 +80,9 @@ class FaissSearch:
 class _GraphSearch(torch.nn.Module):
     """The in-graph search alone (what ``PatchBank`` runs), to time it against faiss."""
 
+    bank: torch.Tensor
+    bank_sq: torch.Tensor
+
     def __init__(self, bank: np.ndarray):
         super().__init__()
         b = torch.from_numpy(np.asarray(bank, dtype=np.float32))
@@ -98,6 +103,38 @@ class KnnRow:
     p99_ms: float
     build_s: float
     recall: float  # share of queries whose distance matches the exact one (1.0 for exact)
+
+
+def _runner(
+    method: str, module: _GraphSearch, bank: np.ndarray, q: np.ndarray
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function that searches one batch of queries with ``method``, set up and ready."""
+    import onnxruntime as ort
+
+    if method == "graph-torch":
+
+        def run_torch(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return module(torch.from_numpy(x)).numpy()
+
+        return run_torch
+    if method == "graph-onnxruntime":
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            path = Path(tmp) / "search.onnx"
+            torch.onnx.export(
+                module,
+                (torch.from_numpy(q[:2]),),
+                str(path),
+                input_names=["q"],
+                output_names=["d"],
+                dynamic_axes={"q": {0: "n"}, "d": {0: "n"}},
+                opset_version=17,
+                dynamo=False,
+            )
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: session.run(["d"], {"q": x})[0]
+    return FaissSearch(bank, method.removeprefix("faiss-")).nearest
 
 
 def _time(run: Any, q: np.ndarray, min_time_s: float) -> np.ndarray:
@@ -126,8 +163,6 @@ def bench_knn(
     Bank and queries are drawn from the same Gaussian mixture (64 clusters), which is closer
     to real patch descriptors than uniform noise and gives IVF/HNSW realistic structure.
     """
-    import onnxruntime as ort
-
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
@@ -149,34 +184,7 @@ def bench_knn(
             if progress is not None:
                 progress(f"{method}, bank {size}")
             t0 = time.perf_counter()
-            if method == "graph-torch":
-
-                def run(x: np.ndarray, module: _GraphSearch = module) -> np.ndarray:
-                    with torch.inference_mode():
-                        return module(torch.from_numpy(x)).numpy()
-
-            elif method == "graph-onnxruntime":
-                with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation
-                    path = Path(tmp) / "search.onnx"
-                    torch.onnx.export(
-                        module,
-                        (torch.from_numpy(q[:2]),),
-                        str(path),
-                        input_names=["q"],
-                        output_names=["d"],
-                        dynamic_axes={"q": {0: "n"}, "d": {0: "n"}},
-                        opset_version=17,
-                        dynamo=False,
-                    )
-                    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-                def run(x: np.ndarray, session: Any = session) -> np.ndarray:
-                    return session.run(["d"], {"q": x})[0]
-
-            else:
-                search = FaissSearch(bank, method.removeprefix("faiss-"))
-                run = search.nearest
+            run = _runner(method, module, bank, q)
             build = time.perf_counter() - t0
             got = run(q)
             recall = float(np.mean(np.abs(got - exact) <= 1e-3 * (1.0 + exact)))

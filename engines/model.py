@@ -26,6 +26,7 @@ from engines.lgst import LGST, PROFILES
 from engines.segmentation import SegmentationHead
 
 CSAD_BRANCHES: tuple[str, ...] = ("patch_hist", "lgst")
+PATCH_SEARCHES = ("graph", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 SEGMENTATION_WIDTH = {"paper": 256, "lite": 64}
 
 
@@ -35,7 +36,10 @@ class Outputs(NamedTuple):
     - ``scores`` ``[B, K]`` float32: raw score per branch, in ``ModelConfig.branches`` order;
     - ``anomaly_map`` ``[B, 1, h, w]`` float32: the normalised LGST map (plus the patch-bank map
       when that branch is on) at a quarter of the input size;
-    - ``segmentation`` ``[B, H, W]`` uint8: component class per pixel (0 = background).
+    - ``segmentation`` ``[B, H, W]`` uint8: component class per pixel (0 = background);
+    - ``patch_features`` ``[B, s·s, D]`` float32, only from a graph whose patch bank is searched
+      outside it (``patch_search`` ≠ ``graph``): the descriptors the faiss stage looks up, after
+      which it fills the ``patch_knn`` column and map. ``None`` everywhere else.
 
     ``CSADModel.forward`` returns tensors; every runtime returns numpy arrays.
     """
@@ -43,6 +47,11 @@ class Outputs(NamedTuple):
     scores: Any
     anomaly_map: Any
     segmentation: Any
+    patch_features: Any = None
+
+    def map(self, fn: Any) -> Outputs:
+        """Apply ``fn`` to every field that is present."""
+        return Outputs(*(None if v is None else fn(v) for v in self))
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class ModelConfig:
     hist_bank: int = 0  # good images in the class-histogram bank (PSAD); 0 leaves it out
     comp_bank: int = 0  # good images in the composition-embedding bank (PSAD); 0 leaves it out
     fewshot_shots: int = 0  # good images behind the training-free few-shot branch; 0: none
+    patch_search: str = "graph"  # patch bank search: in the graph, or faiss-flat|ivf|hnsw after it
 
     def __post_init__(self) -> None:
         backbone_spec(self.backbone)  # raises with the list of known names
@@ -81,6 +91,10 @@ class ModelConfig:
                 raise ConfigError(
                     f"{name} must be ≥ 0 (0 leaves the branch out), got {getattr(self, name)}"
                 )
+        if self.patch_search not in PATCH_SEARCHES:
+            raise ConfigError(
+                f"unknown patch_search {self.patch_search!r}; use one of {PATCH_SEARCHES}"
+            )
         if self.comp_bank and self.num_classes < 2:
             raise ConfigError("comp_bank needs at least one component class")
 
@@ -181,7 +195,14 @@ class CSADModel(nn.Module):
         lgst_map = self.lgst(x, features)
         columns = [self.patch_hist(labels), lgst_map.amax(dim=(1, 2, 3)).to(torch.float32)]
         amap = lgst_map.to(torch.float32)
-        if self.patch_knn is not None:
+        patch_features = None
+        if self.patch_knn is not None and self.config.patch_search != "graph":
+            # searched after the engine (engines.runtimes.faiss_stage): hand the descriptors out
+            # and leave the column at zero for that stage to fill
+            desc = self.patch_knn.describe(features[0], features[1]).to(torch.float32)
+            patch_features = desc.flatten(2).transpose(1, 2).contiguous()
+            columns.append(torch.zeros_like(columns[1]))
+        elif self.patch_knn is not None:
             knn_map = self.patch_knn(features[0], features[1])
             columns.append(knn_map.amax(dim=(1, 2, 3)))
             amap = amap + knn_map
@@ -195,7 +216,7 @@ class CSADModel(nn.Module):
             columns.append(self.comp_knn(composition(desc, labels, self.config.num_classes, cell)))
         if self.fewshot_knn is not None:
             columns.append(self.fewshot_knn(features[1], features[2]))
-        return Outputs(torch.stack(columns, dim=1), amap, labels.to(torch.uint8))
+        return Outputs(torch.stack(columns, dim=1), amap, labels.to(torch.uint8), patch_features)
 
 
 def _segmentation_head(config: ModelConfig, channels: dict[int, int]) -> SegmentationHead:

@@ -66,7 +66,8 @@ def collect_patches(
     assert model.patch_knn is not None
     rng = np.random.default_rng(seed)
     per_image = max(1, max_patches // max(len(images), 1))
-    parts, owners = [], []
+    parts: list[torch.Tensor] = []
+    owners: list[torch.Tensor] = []
     for chunk in batched(images, str(model.pixel_mean.device)):
         f = model.backbone(model.preprocess(chunk))
         desc = model.patch_knn.describe(f[0], f[1]).float().cpu()

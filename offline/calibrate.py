@@ -34,11 +34,14 @@ from offline.seg_train import predict_labels
 @torch.no_grad()
 def raw_scores(model: CSADModel, images: np.ndarray, batch: int = 16) -> np.ndarray:
     """Raw branch scores ``[N, K]`` of the fused model (what the infer worker publishes)."""
+    from engines.runtimes.faiss_stage import FaissStage
+
     model.eval()
-    parts = [
-        model(torch.from_numpy(images[i : i + batch])).scores.numpy()
-        for i in range(0, len(images), batch)
-    ]
+    stage = FaissStage.for_model(model)  # a bank searched after the engine: the same here
+    parts = []
+    for i in range(0, len(images), batch):
+        out = model(torch.from_numpy(images[i : i + batch])).map(lambda t: t.numpy())
+        parts.append((stage.apply(out) if stage else out).scores)
     return np.concatenate(parts).astype(np.float64)
 
 

@@ -32,6 +32,7 @@ def refit_bundle(
     hist_bank: bool | None = None,
     comp_bank: bool | None = None,
     fewshot_shots: int | None = None,
+    patch_search: str | None = None,
     normalisation: str | None = None,
     fusion: str | None = None,
     target_frr: float | None = None,
@@ -64,6 +65,7 @@ def refit_bundle(
         hist_bank=images_if(hist_bank, old.hist_bank),
         comp_bank=images_if(comp_bank, old.comp_bank),
         fewshot_shots=old.fewshot_shots if fewshot_shots is None else fewshot_shots,
+        patch_search=patch_search or old.patch_search,
     )
     if config.fewshot_shots > len(train_images):
         raise ConfigError(

@@ -149,6 +149,7 @@ def train_bundle(
     hist_bank: bool | None = None,
     comp_bank: bool | None = None,
     fewshot_shots: int | None = None,
+    patch_search: str = "graph",
     progress: bool = True,
     restart: bool = False,
     log: Callable[[str], None] | None = None,
@@ -159,7 +160,7 @@ def train_bundle(
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         preset = PRESETS[preset]
-    overrides = {
+    overrides: dict[str, Any] = {
         "patch_bank": patch_bank,
         "hist_bank": hist_bank,
         "comp_bank": comp_bank,
@@ -179,6 +180,7 @@ def train_bundle(
         "input_size": input_size,
         "preset": asdict(preset),
         "labels_dir": str(labels_dir) if labels_dir else None,
+        "patch_search": patch_search,
         "mask_generator": type(mask_generator).__name__ if mask_generator else None,
     }
     fingerprint = _fingerprint(dataset, settings)
@@ -248,6 +250,7 @@ def train_bundle(
         hist_bank=len(train_images) if preset.hist_bank else 0,
         comp_bank=len(train_images) if preset.comp_bank else 0,
         fewshot_shots=preset.fewshot_shots,
+        patch_search=patch_search,
     )
     if preset.fewshot_shots > len(train_images):
         raise ConfigError(

@@ -937,8 +937,8 @@ def bench_e2e_cmd(
         bundle=bundle,
         runtime=runtime,
         device=device,
-        mode=workers,
-        warmup=warmup,  # type: ignore[arg-type]
+        mode=workers,  # type: ignore[arg-type]  # typer checks it against the choices
+        warmup=warmup,
         progress=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
         dashboard=dashboard,
     )
@@ -1076,6 +1076,9 @@ def train(
     fewshot: Annotated[
         int | None, typer.Option(help="Training-free few-shot branch from the first K images.")
     ] = None,
+    patch_search: Annotated[
+        str, typer.Option(help="Patch bank search: graph, or faiss-flat|ivf|hnsw after the engine.")
+    ] = "graph",
     restart: Annotated[bool, typer.Option(help="Discard finished stages and start over.")] = False,
 ) -> None:
     """Pseudo-labels → segmentation → LGST → memory banks → calibration → bundle (resumable)."""
@@ -1096,6 +1099,7 @@ def train(
         hist_bank=hist_bank,
         comp_bank=comp_bank,
         fewshot_shots=fewshot,
+        patch_search=patch_search,
         restart=restart,
         log=lambda msg: err_console.print(msg, highlight=False),
     )
@@ -1142,7 +1146,7 @@ def evaluate(
         f"{m['threshold']:.3f}: false-reject rate {fmt(m['false_reject_rate'])} on "
         f"{m['n_good']} good parts"
     )
-    console.print(f"report: {result.report_dir / 'report.html'}")
+    console.print(f"report: {result.report_dir}/report.html")
     _write_json(json_path, m)
 
 
@@ -1156,6 +1160,9 @@ def refit(
     hist_bank: Annotated[bool | None, typer.Option(help="PSAD class-histogram bank.")] = None,
     comp_bank: Annotated[bool | None, typer.Option(help="PSAD composition bank.")] = None,
     fewshot: Annotated[int | None, typer.Option(help="Few-shot branch from K images.")] = None,
+    patch_search: Annotated[
+        str | None, typer.Option(help="graph, or faiss-flat|ivf|hnsw after the engine.")
+    ] = None,
     normalisation: Annotated[
         str | None, typer.Option(help="trimmed_z (CSAD) or loo_max (PSAD).")
     ] = None,
@@ -1173,6 +1180,7 @@ def refit(
         hist_bank=hist_bank,
         comp_bank=comp_bank,
         fewshot_shots=fewshot,
+        patch_search=patch_search,
         normalisation=normalisation,
         fusion=fusion,
         target_frr=target_frr,

@@ -64,7 +64,12 @@ def open_runtime(
         bundle = load_bundle(bundle)
     module_name, class_name = RUNTIME_KINDS[kind].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(bundle, device=device, precision=precision, max_batch=max_batch, **options)
+    runtime = cls(bundle, device=device, precision=precision, max_batch=max_batch, **options)
+    if bundle.config.patch_bank and bundle.config.patch_search != "graph":
+        from engines.runtimes.faiss_stage import FaissSearchRuntime
+
+        return FaissSearchRuntime(runtime, bundle)  # type: ignore[return-value]
+    return runtime
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -119,4 +124,9 @@ def split_batches(images: np.ndarray, max_batch: int) -> list[np.ndarray]:
 def concat_outputs(parts: list[Outputs]) -> Outputs:
     if len(parts) == 1:
         return parts[0]
-    return Outputs(*(np.concatenate(field, axis=0) for field in zip(*parts, strict=True)))
+    return Outputs(
+        *(
+            None if field[0] is None else np.concatenate(field, axis=0)
+            for field in zip(*parts, strict=True)
+        )
+    )

@@ -62,6 +62,11 @@ class OnnxRuntime:
         self.session: ort.InferenceSession | None = ort.InferenceSession(
             str(bundle.onnx_path), options, providers=providers
         )
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        if tuple(self._outputs[:3]) != OUTPUT_NAMES:
+            raise BundleError(
+                f"{bundle.onnx_path} has outputs {self._outputs}, expected {OUTPUT_NAMES} first"
+            )
         self.bundle = bundle
         self.device = device
         self.precision = precision
@@ -74,7 +79,7 @@ class OnnxRuntime:
         images = check_images(images, self.size)
         parts = []
         for chunk in split_batches(images, self.max_batch):
-            values = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
+            values = self.session.run(self._outputs, {INPUT_NAME: chunk})
             parts.append(Outputs(*values))
         return concat_outputs(parts)
 

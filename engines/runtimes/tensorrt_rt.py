@@ -809,6 +809,12 @@ class TensorRTRuntime:
     ) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+        if bundle.config.patch_search != "graph":
+            raise ConfigError(
+                f"bundle {bundle.path} searches its patch bank with {bundle.config.patch_search} "
+                "after the engine; the TensorRT executor runs graph-searched bundles only: use "
+                "runtime onnxruntime or torch, or refit with --patch-search graph"
+            )
         profile = choose_profile(max_batch, opt_batch)
         torch_device = _parse_device(device)
         trt_version = _require_tensorrt()

@@ -92,10 +92,10 @@ class TorchRuntime:
             graph, static_in, static_out = self._graphs[rows]
             static_in.copy_(torch.from_numpy(pad_to(images, rows)), non_blocking=False)
             graph.replay()
-            out = Outputs(*(t[:n] for t in static_out))
+            out = static_out.map(lambda t: t[:n])
         else:
             out = self._forward(torch.from_numpy(images).to(self._torch_device))
-        return Outputs(*(t.detach().cpu().numpy() for t in out))
+        return out.map(lambda t: t.detach().cpu().numpy())
 
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> Outputs:

@@ -18,7 +18,7 @@ from tests.conftest import TINY, random_images, tiny_model
 
 def run_torch(model: CSADModel, images: np.ndarray) -> tuple[np.ndarray, ...]:
     with torch.inference_mode():
-        return tuple(t.numpy() for t in model(torch.from_numpy(images)))
+        return tuple(model(torch.from_numpy(images)).map(lambda t: t.numpy())[:3])
 
 
 def test_outputs_have_documented_shapes_and_dtypes() -> None:

@@ -233,10 +233,14 @@ def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
         patch_bank=32,
         comp_bank=False,
         fewshot_shots=0,
+        patch_search="faiss-ivf",
         normalisation="loo_max",
         fusion="sum",
     )
     assert out.branches == ("patch_hist", "lgst", "patch_knn", "hist_knn")
+    assert out.config.patch_search == "faiss-ivf"
+    evaluation = evaluate_bundle(out.path, line, out_dir=tmp_path / "eval")  # faiss stage runs
+    assert np.isfinite(evaluation.scores).all() and evaluation.scores[:, 2].std() > 0
     assert out.calibration.method == "loo_max" and out.calibration.combine == "sum"
     assert out.manifest["extra"]["refit_from"] == source.version
     assert load_bundle(trained).version == source.version  # the source is left as it was

@@ -1,0 +1,76 @@
+"""The patch-bank search right after the engine, for banks too large for a matrix product.
+
+A bundle trained with ``patch_search`` = ``faiss-flat|ivf|hnsw`` exports a graph that hands out
+the patch descriptors (``patch_features``) instead of searching the bank itself; the bank stays
+in ``model.safetensors`` and out of the ONNX file. ``open_runtime`` wraps such a bundle's
+executor in ``FaissSearchRuntime``, which searches every descriptor with faiss and fills the
+``patch_knn`` column and map exactly as the in-graph branch would (same distance, same
+quantile normalisation), so the infer and decide workers see the usual three outputs. Where
+the crossover lies on a given machine is what ``lineguard bench knn`` measures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.bundle import Bundle
+from engines.errors import BundleError
+from engines.knn import MAP_SCALE
+from engines.knn_search import FaissSearch
+from engines.model import CSADModel, ModelConfig, Outputs
+
+
+class FaissStage:
+    """Fills ``patch_knn`` from ``patch_features`` with a faiss index over the bank."""
+
+    def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor]):
+        if not config.patch_bank or config.patch_search == "graph":
+            raise BundleError("this model searches its patch bank in the graph: no faiss stage")
+        try:
+            bank = state["patch_knn.bank"].float().cpu().numpy()
+            self.q_a = float(state["patch_knn.q_a"])
+            self.q_b = float(state["patch_knn.q_b"])
+        except KeyError as exc:
+            raise BundleError(f"the model weights lack the patch bank tensor {exc}") from exc
+        self.search = FaissSearch(bank, config.patch_search.removeprefix("faiss-"))
+        self.column = config.branches.index("patch_knn")
+        self.map_size = config.map_size
+
+    @classmethod
+    def for_model(cls, model: CSADModel) -> FaissStage | None:
+        """The stage a model needs after its forward, or ``None`` when it searches in-graph."""
+        if model.patch_knn is None or model.config.patch_search == "graph":
+            return None
+        return cls(model.config, dict(model.state_dict()))
+
+    def apply(self, out: Outputs) -> Outputs:
+        features = out.patch_features
+        if features is None:
+            raise BundleError("the engine returned no patch_features for the faiss stage")
+        b, _, d = features.shape
+        s = self.map_size
+        distances = self.search.nearest(features.reshape(-1, d)).reshape(b, 1, s, s)
+        knn_map = (MAP_SCALE * (distances - self.q_a) / (self.q_b - self.q_a)).astype(np.float32)
+        scores = np.array(out.scores, dtype=np.float32, copy=True)
+        scores[:, self.column] = knn_map.max(axis=(1, 2, 3))
+        return Outputs(scores, out.anomaly_map + knn_map, out.segmentation)
+
+
+class FaissSearchRuntime:
+    """An executor followed by the faiss stage; otherwise it is the executor it wraps."""
+
+    def __init__(self, inner: Any, bundle: Bundle):
+        self.inner = inner
+        self.stage = FaissStage(bundle.config, bundle.state_dict())
+
+    def run(self, images: np.ndarray) -> Outputs:
+        return self.stage.apply(self.inner.run(images))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

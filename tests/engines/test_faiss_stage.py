@@ -1,0 +1,63 @@
+"""A patch bank searched by faiss after the engine scores exactly like the in-graph search."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engines.bundle import save_bundle
+from engines.errors import ConfigError
+from engines.fusion import Calibration
+from engines.model import CSADModel, ModelConfig
+from engines.runtimes import open_runtime
+from offline.calibrate import raw_scores
+
+GRAPH = ModelConfig(input_size=64, class_names=("bg", "a"), patch_bank=48)
+
+
+def _pair() -> tuple[CSADModel, CSADModel]:
+    torch.manual_seed(0)
+    graph = CSADModel(GRAPH, backbone_weights=None).eval()
+    graph.patch_knn.set_bank(torch.randn(48, graph.patch_knn.bank.shape[1]))
+    graph.patch_knn.q_a.fill_(0.5)
+    graph.patch_knn.q_b.fill_(2.0)
+    faiss = CSADModel(replace(GRAPH, patch_search="faiss-flat"), backbone_weights=None).eval()
+    faiss.load_state_dict(graph.state_dict())
+    return graph, faiss
+
+
+def test_faiss_stage_matches_the_graph_on_every_runtime(tmp_path: Path) -> None:
+    graph, faiss = _pair()
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(raw_scores(faiss, images), raw_scores(graph, images), atol=1e-4)
+    cal = Calibration.neutral(GRAPH.branches)
+    a = save_bundle(graph, tmp_path / "graph", cal)
+    b = save_bundle(faiss, tmp_path / "faiss", cal)
+    want = open_runtime(a, kind="onnxruntime").run(images)
+    for kind in ("onnxruntime", "torch"):
+        got = open_runtime(b, kind=kind, max_batch=2).run(images)  # two chunks, then the stage
+        assert got.patch_features is None  # the workers see the usual three outputs
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, rtol=1e-4, atol=1e-4)
+    # the bank lives in the weights file, not in the exported graph
+    shapes = {tuple(t.dims) for t in onnx.load(str(b.onnx_path)).graph.initializer}
+    assert tuple(graph.patch_knn.bank.shape) not in shapes
+    assert tuple(graph.patch_knn.bank.shape) in {
+        tuple(t.dims) for t in onnx.load(str(a.onnx_path)).graph.initializer
+    }
+
+
+def test_tensorrt_refuses_a_faiss_searched_bundle(tmp_path: Path) -> None:
+    from engines.runtimes.tensorrt_rt import TensorRTRuntime
+
+    _, faiss = _pair()
+    bundle = save_bundle(faiss, tmp_path / "b", Calibration.neutral(GRAPH.branches))
+    with pytest.raises(ConfigError, match="onnxruntime or torch"):
+        TensorRTRuntime(bundle)
+    with pytest.raises(ConfigError, match="patch_search"):
+        replace(GRAPH, patch_search="annoy")
