@@ -69,6 +69,7 @@ class ModelConfig:
     comp_bank: int = 0  # good images in the composition-embedding bank (PSAD); 0 leaves it out
     fewshot_shots: int = 0  # good images behind the training-free few-shot branch; 0: none
     patch_search: str = "graph"  # patch bank search: in the graph, or faiss-flat|ivf|hnsw after it
+    position_prior: bool = False  # subtract good parts' mean map per position before the max
 
     def __post_init__(self) -> None:
         backbone_spec(self.backbone)  # raises with the list of known names
@@ -140,6 +141,8 @@ class CSADModel(nn.Module):
 
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
+    prior_lgst: torch.Tensor  # only with ModelConfig.position_prior
+    prior_knn: torch.Tensor
 
     def __init__(self, config: ModelConfig, backbone_weights: str | Path | None = "imagenet"):
         super().__init__()
@@ -165,6 +168,13 @@ class CSADModel(nn.Module):
             if config.comp_bank
             else None
         )
+        if config.position_prior:
+            # What good parts' maps look like at each position (zero until calibration): zero
+            # padding and fixed fixtures make some positions respond on every good part, and
+            # without this their response, not the defect, sets the image maximum.
+            s = config.map_size
+            self.register_buffer("prior_lgst", torch.zeros(1, 1, s, s))
+            self.register_buffer("prior_knn", torch.zeros(1, 1, s, s))
         self.fewshot_knn = (
             FewShotBank(
                 spec.channels[8] + spec.channels[16], config.fewshot_shots, config.input_size // 8
@@ -193,6 +203,8 @@ class CSADModel(nn.Module):
         features = self.backbone(x)
         labels = self.segment(features).argmax(dim=1)
         lgst_map = self.lgst(x, features)
+        if self.config.position_prior:
+            lgst_map = lgst_map - self.prior_lgst
         columns = [self.patch_hist(labels), lgst_map.amax(dim=(1, 2, 3)).to(torch.float32)]
         amap = lgst_map.to(torch.float32)
         patch_features = None
@@ -204,6 +216,8 @@ class CSADModel(nn.Module):
             columns.append(torch.zeros_like(columns[1]))
         elif self.patch_knn is not None:
             knn_map = self.patch_knn(features[0], features[1])
+            if self.config.position_prior:
+                knn_map = knn_map - self.prior_knn
             columns.append(knn_map.amax(dim=(1, 2, 3)))
             amap = amap + knn_map
         if self.hist_knn is not None:

@@ -91,6 +91,30 @@ def fit_histogram_statistics(
         ph.set_normalisation(g, mu, sigma)
 
 
+@torch.no_grad()
+def fit_position_prior(model: CSADModel, images: np.ndarray, batch: int = 16) -> None:
+    """Per-position mean of the normalised LGST and patch-bank maps over good images.
+
+    Taken after the map quantiles, with the prior at zero, and blurred 5×5 so that a
+    position's prior is not just the noise of a hundred images.
+    """
+    from torch.nn import functional as F
+
+    model.prior_lgst.zero_()
+    model.prior_knn.zero_()
+    sums = {"lgst": torch.zeros_like(model.prior_lgst), "knn": torch.zeros_like(model.prior_knn)}
+    for i in range(0, len(images), batch):
+        x = model.preprocess(torch.from_numpy(images[i : i + batch]))
+        f = model.backbone(x)
+        sums["lgst"] += model.lgst(x, f).float().sum(dim=0, keepdim=True)
+        if model.patch_knn is not None:
+            sums["knn"] += model.patch_knn(f[0], f[1]).float().sum(dim=0, keepdim=True)
+    for name, total in sums.items():
+        mean = total / len(images)
+        blurred = F.avg_pool2d(mean, 5, stride=1, padding=2, count_include_pad=False)
+        getattr(model, f"prior_{name}").copy_(blurred)
+
+
 def calibrate(
     model: CSADModel,
     train_images: np.ndarray,
@@ -106,6 +130,8 @@ def calibrate(
     fit_histogram_statistics(model, train_images, val_images)
     calibrate_map_quantiles(model, val_images)
     calibrate_bank_quantiles(model, val_images)
+    if model.config.position_prior:
+        fit_position_prior(model, val_images)
     val_scores = raw_scores(model, val_images)
     loo, offsets = leave_one_out_max(model, val_scores, bank_loo)
     calibration = fit_calibration(

@@ -33,6 +33,7 @@ def refit_bundle(
     comp_bank: bool | None = None,
     fewshot_shots: int | None = None,
     patch_search: str | None = None,
+    position_prior: bool | None = None,
     normalisation: str | None = None,
     fusion: str | None = None,
     target_frr: float | None = None,
@@ -66,6 +67,7 @@ def refit_bundle(
         comp_bank=images_if(comp_bank, old.comp_bank),
         fewshot_shots=old.fewshot_shots if fewshot_shots is None else fewshot_shots,
         patch_search=patch_search or old.patch_search,
+        position_prior=old.position_prior if position_prior is None else position_prior,
     )
     if config.fewshot_shots > len(train_images):
         raise ConfigError(
@@ -73,11 +75,9 @@ def refit_bundle(
             f"{len(train_images)} training images"
         )
     model = CSADModel(config, backbone_weights=None)
-    networks = {
-        k: v for k, v in source.state_dict().items() if k.split(".")[0] not in BANK_BRANCHES
-    }
+    networks = {k: v for k, v in source.state_dict().items() if not _refitted(k)}
     result = model.load_state_dict(networks, strict=False)
-    stray = [k for k in result.missing_keys if k.split(".")[0] not in BANK_BRANCHES]
+    stray = [k for k in result.missing_keys if not _refitted(k)]
     if stray or result.unexpected_keys:
         raise BundleError(
             f"{source.path} does not match its config: missing {stray[:3]}, "
@@ -100,3 +100,8 @@ def refit_bundle(
     extra = dict(source.manifest.get("extra", {}))
     extra.update(refit_from=source.version, n_train=len(train_images), n_validation=len(val_images))
     return save_bundle(model, out, calibration, overwrite=True, extra=extra)
+
+
+def _refitted(key: str) -> bool:
+    """Tensors that refit computes afresh: the banks and the position prior."""
+    return key.split(".")[0] in BANK_BRANCHES or key.startswith("prior_")

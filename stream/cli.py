@@ -1163,6 +1163,9 @@ def refit(
     patch_search: Annotated[
         str | None, typer.Option(help="graph, or faiss-flat|ivf|hnsw after the engine.")
     ] = None,
+    position_prior: Annotated[
+        bool | None, typer.Option(help="Subtract good parts' mean map per position.")
+    ] = None,
     normalisation: Annotated[
         str | None, typer.Option(help="trimmed_z (CSAD) or loo_max (PSAD).")
     ] = None,
@@ -1181,6 +1184,7 @@ def refit(
         comp_bank=comp_bank,
         fewshot_shots=fewshot,
         patch_search=patch_search,
+        position_prior=position_prior,
         normalisation=normalisation,
         fusion=fusion,
         target_frr=target_frr,

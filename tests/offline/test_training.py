@@ -234,6 +234,7 @@ def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
         comp_bank=False,
         fewshot_shots=0,
         patch_search="faiss-ivf",
+        position_prior=True,
         normalisation="loo_max",
         fusion="sum",
     )
@@ -283,3 +284,21 @@ def test_fewshot_curve_from_k_good_images(line: Path) -> None:
         assert 0.0 <= row["auroc"] <= 1.0 and set(row["by_type"]) == {"logical", "structural"}
     with pytest.raises(LineguardError, match="shots"):
         fewshot_curve(line, (0, 11), input_size=64)
+
+
+def test_position_prior_removes_what_every_good_part_shows() -> None:
+    from offline.calibrate import fit_position_prior
+
+    config = ModelConfig(input_size=64, class_names=("bg", "a"), patch_bank=16, position_prior=True)
+    torch.manual_seed(0)
+    model = CSADModel(config, backbone_weights=None).eval()
+    model.patch_knn.set_bank(torch.randn(16, model.patch_knn.bank.shape[1]))
+    goods = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        x = model.preprocess(torch.from_numpy(goods))
+        raw = model.lgst(x, model.backbone(x)).mean(dim=0)
+        fit_position_prior(model, goods)
+        assert model.prior_lgst.abs().sum() > 0
+        adjusted = model(torch.from_numpy(goods)).anomaly_map.mean(dim=0)
+    # on the good parts themselves the adjusted map averages out near zero, the raw one not
+    assert float(adjusted.mean().abs()) < 0.1 * float(raw.mean().abs())
