@@ -51,6 +51,11 @@ class TrainPreset:
     hist_bank: bool = False  # PSAD's class-histogram bank over every training image
     comp_bank: bool = False  # PSAD's composition-embedding bank over every training image
     fewshot_shots: int = 0  # training-free few-shot branch from the first k training images
+    # Subtract good parts' mean map per position (see CSADModel). On the seed-1 synthetic line
+    # (the selection set; seed 0 is the reported one) it raised the LGST branch's logical AUROC
+    # from 0.915 to 0.962 and the fused logical / structural AUROC from 0.950 / 0.944 to
+    # 0.957 / 0.949, with the same networks (lineguard refit --position-prior).
+    position_prior: bool = True
 
 
 PRESETS: dict[str, TrainPreset] = {
@@ -149,6 +154,7 @@ def train_bundle(
     hist_bank: bool | None = None,
     comp_bank: bool | None = None,
     fewshot_shots: int | None = None,
+    position_prior: bool | None = None,
     patch_search: str = "graph",
     progress: bool = True,
     restart: bool = False,
@@ -165,6 +171,7 @@ def train_bundle(
         "hist_bank": hist_bank,
         "comp_bank": comp_bank,
         "fewshot_shots": fewshot_shots,
+        "position_prior": position_prior,
     }
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -251,6 +258,7 @@ def train_bundle(
         comp_bank=len(train_images) if preset.comp_bank else 0,
         fewshot_shots=preset.fewshot_shots,
         patch_search=patch_search,
+        position_prior=preset.position_prior,
     )
     if preset.fewshot_shots > len(train_images):
         raise ConfigError(

@@ -1079,6 +1079,10 @@ def train(
     patch_search: Annotated[
         str, typer.Option(help="Patch bank search: graph, or faiss-flat|ivf|hnsw after the engine.")
     ] = "graph",
+    position_prior: Annotated[
+        bool | None,
+        typer.Option(help="Subtract good parts' mean map per position (default: on)."),
+    ] = None,
     restart: Annotated[bool, typer.Option(help="Discard finished stages and start over.")] = False,
 ) -> None:
     """Pseudo-labels → segmentation → LGST → memory banks → calibration → bundle (resumable)."""
@@ -1100,6 +1104,7 @@ def train(
         comp_bank=comp_bank,
         fewshot_shots=fewshot,
         patch_search=patch_search,
+        position_prior=position_prior,
         restart=restart,
         log=lambda msg: err_console.print(msg, highlight=False),
     )
