@@ -35,7 +35,6 @@ from engines.knn import nearest_sq
 STD_FLOOR = 1e-3  # a dimension constant over the good images must not divide by ~0
 FOREGROUND_TOP = 0.02  # paper 002: mean of the top 2 % patch dissimilarities
 FOREGROUND_SIMILARITY = 0.5  # a foreground patch's best cosine similarity to the background
-BANK_CHUNK = 2048
 
 
 def class_shares(labels: torch.Tensor, num_classes: int, size: int) -> torch.Tensor:
@@ -111,6 +110,17 @@ class ImageBank(nn.Module):
         return leave_one_out(z) if len(z) > 1 else np.zeros(1)
 
 
+def _best_similarity(q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """Best cosine similarity of unit rows ``q`` ``[..., D]`` to unit ``memory`` rows.
+
+    For unit vectors ‖q − m‖² = 2 − 2 q·m, so this is the nearest-neighbour search every bank
+    uses, read as a similarity.
+    """
+    ones = torch.ones(memory.shape[0], dtype=memory.dtype, device=memory.device)
+    flat = q.reshape(-1, q.shape[-1])
+    return (1.0 - 0.5 * nearest_sq(flat, memory, ones)).reshape(q.shape[:-1])
+
+
 def fewshot_descriptors(f8: torch.Tensor, f16: torch.Tensor) -> torch.Tensor:
     """Unit-length patch descriptors ``[B, g·g, D]`` on the stride-8 grid (g = S/8).
 
@@ -158,22 +168,16 @@ class FewShotBank(nn.Module):
         self.register_buffer("fg_threshold", torch.tensor(0.0))
         self.register_buffer("masking", torch.tensor(0.0))
 
-    def _best_similarity(self, q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        best: torch.Tensor | None = None
-        for start in range(0, memory.shape[0], BANK_CHUNK):
-            part = (q @ memory[start : start + BANK_CHUNK].T).amax(dim=-1)
-            best = part if best is None else torch.maximum(best, part)
-        assert best is not None
-        return best
+    def _score(self, q: torch.Tensor, memory: torch.Tensor, border: torch.Tensor) -> torch.Tensor:
+        """Masked cosine dissimilarity per patch ``[B, n]`` of unit descriptors ``[B, n, D]``."""
+        dissimilarity = 1.0 - _best_similarity(q, memory)
+        foreground = (_best_similarity(q, border) < self.fg_threshold).to(torch.float32)
+        keep = torch.maximum(foreground, 1.0 - self.masking)
+        return dissimilarity.clamp_min(0) * keep
 
     def patch_scores(self, f8: torch.Tensor, f16: torch.Tensor) -> torch.Tensor:
         """Masked cosine dissimilarity per patch ``[B, g·g]`` (0 on background patches)."""
-        q = fewshot_descriptors(f8, f16)
-        dissimilarity = 1.0 - self._best_similarity(q, self.bank)
-        background_like = self._best_similarity(q, self.border)
-        foreground = (background_like < self.fg_threshold).to(torch.float32)
-        keep = torch.maximum(foreground, 1.0 - self.masking)
-        return dissimilarity.clamp_min(0) * keep
+        return self._score(fewshot_descriptors(f8, f16), self.bank, self.border)
 
     def forward(self, f8: torch.Tensor, f16: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(f8.device.type):
@@ -213,7 +217,7 @@ class FewShotBank(nn.Module):
         quantile = float(torch.quantile(sim.amax(dim=1), 0.05)) - 0.05
         threshold = min(quantile, FOREGROUND_SIMILARITY)
         self.fg_threshold.fill_(threshold)
-        fg = (self._best_similarity(desc.reshape(-1, d), border) < threshold).float().mean()
+        fg = (_best_similarity(desc.reshape(-1, d), border) < threshold).float().mean()
         # A product that fills the frame leaves almost nothing "unlike the border": mask off.
         masked = 0.05 <= float(fg) <= 0.95
         self.masking.fill_(1.0 if masked else 0.0)
@@ -228,10 +232,8 @@ class FewShotBank(nn.Module):
         cells = border_cells(self.grid)
         for i in range(k):
             others = torch.cat([descriptors[:i], descriptors[i + 1 :]]).to(torch.float32)
-            memory = others.reshape(-1, others.shape[-1])
+            d = others.shape[-1]
             q = descriptors[i : i + 1].to(torch.float32)
-            dis = 1.0 - self._best_similarity(q, memory)
-            bg = self._best_similarity(q, others[:, cells].reshape(-1, others.shape[-1]))
-            keep = torch.maximum((bg < self.fg_threshold).float(), 1.0 - self.masking)
-            scores.append(float((dis.clamp_min(0) * keep).topk(self.top, dim=1).values.mean()))
+            masked = self._score(q, others.reshape(-1, d), others[:, cells].reshape(-1, d))
+            scores.append(float(masked.topk(self.top, dim=1).values.mean()))
         return np.asarray(scores)
