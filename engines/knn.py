@@ -69,21 +69,25 @@ class PatchBank(nn.Module):
         """Patch descriptors ``[B, D, s, s]`` at the map resolution."""
         return patch_descriptors(f4, f8, self.map_size)
 
-    def distances(self, f4: torch.Tensor, f8: torch.Tensor) -> torch.Tensor:
-        """Raw nearest-neighbour distance map ``[B, 1, s, s]``."""
-        if torch.is_autocast_enabled(f4.device.type):
+    def distances(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """Raw nearest-neighbour distance map ``[B, 1, s, s]`` of ``describe``'s output."""
+        if torch.is_autocast_enabled(descriptors.device.type):
             # fp16 would cancel catastrophically in ‖q‖² − 2q·m + ‖m‖²: keep this part fp32.
-            with torch.autocast(f4.device.type, enabled=False):
-                return self.distances(f4.float(), f8.float())
-        x = self.describe(f4, f8).to(torch.float32)
+            with torch.autocast(descriptors.device.type, enabled=False):
+                return self.distances(descriptors.float())
+        x = descriptors.to(torch.float32)
         b, d, h, w = x.shape
         q = x.permute(0, 2, 3, 1).reshape(-1, d)
         nearest = nearest_sq(q, self.bank, self.bank_sq).sqrt()
         return nearest.reshape(b, 1, h, w)
 
-    def forward(self, f4: torch.Tensor, f8: torch.Tensor) -> torch.Tensor:
-        """Normalised map ``0.1 · (d − q_a) / (q_b − q_a)`` (quantiles from validation goods)."""
-        return MAP_SCALE * (self.distances(f4, f8) - self.q_a) / (self.q_b - self.q_a)
+    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """Normalised map ``0.1 · (d − q_a) / (q_b − q_a)`` (quantiles from validation goods).
+
+        Takes the descriptors rather than the backbone taps so the model computes them once
+        for every branch that reads them (this one, the composition bank, the faiss stage).
+        """
+        return MAP_SCALE * (self.distances(descriptors) - self.q_a) / (self.q_b - self.q_a)
 
     def set_bank(self, patches: torch.Tensor) -> None:
         if patches.shape != self.bank.shape:

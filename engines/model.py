@@ -156,10 +156,9 @@ class CSADModel(nn.Module):
         self.patch_hist = PatchHistogram(config.num_classes, config.input_size, config.hist_grids)
         self.lgst = LGST(profile, spec.channels, config.input_size, config.seed)
         self.patch_knn: PatchBank | None = None
-        if config.patch_bank:
-            dim = spec.channels[4] + spec.channels[8]
-            self.patch_knn = PatchBank(dim, config.patch_bank, config.map_size)
         descriptor_dim = spec.channels[4] + spec.channels[8]
+        if config.patch_bank:
+            self.patch_knn = PatchBank(descriptor_dim, config.patch_bank, config.map_size)
         self.hist_knn = (
             ImageBank(config.num_classes, config.hist_bank) if config.hist_bank else None
         )
@@ -208,14 +207,18 @@ class CSADModel(nn.Module):
         columns = [self.patch_hist(labels), lgst_map.amax(dim=(1, 2, 3)).to(torch.float32)]
         amap = lgst_map.to(torch.float32)
         patch_features = None
+        desc = None  # patch descriptors: computed once for every branch that reads them
+        if self.patch_knn is not None or self.comp_knn is not None:
+            desc = patch_descriptors(features[0], features[1], self.config.map_size)
         if self.patch_knn is not None and self.config.patch_search != "graph":
             # searched after the engine (engines.runtimes.faiss_stage): hand the descriptors out
             # and leave the column at zero for that stage to fill
-            desc = self.patch_knn.describe(features[0], features[1]).to(torch.float32)
-            patch_features = desc.flatten(2).transpose(1, 2).contiguous()
+            assert desc is not None
+            patch_features = desc.to(torch.float32).flatten(2).transpose(1, 2).contiguous()
             columns.append(torch.zeros_like(columns[1]))
         elif self.patch_knn is not None:
-            knn_map = self.patch_knn(features[0], features[1])
+            assert desc is not None
+            knn_map = self.patch_knn(desc)
             if self.config.position_prior:
                 knn_map = knn_map - self.prior_knn
             columns.append(knn_map.amax(dim=(1, 2, 3)))
@@ -225,7 +228,7 @@ class CSADModel(nn.Module):
                 self.hist_knn(class_shares(labels, self.config.num_classes, x.shape[-1]))
             )
         if self.comp_knn is not None:
-            desc = patch_descriptors(features[0], features[1], self.config.map_size)
+            assert desc is not None
             cell = self.config.input_size // self.config.map_size
             columns.append(self.comp_knn(composition(desc, labels, self.config.num_classes, cell)))
         if self.fewshot_knn is not None:

@@ -192,7 +192,7 @@ def calibrate_bank_quantiles(
     values = []
     for chunk in batched(images, str(model.pixel_mean.device)):
         f = model.backbone(model.preprocess(chunk))
-        values.append(bank.distances(f[0], f[1]).flatten().cpu())
+        values.append(bank.distances(bank.describe(f[0], f[1])).flatten().cpu())
     qa, qb = np.quantile(torch.cat(values).numpy().astype(np.float64), [low, high])
     bank.q_a.fill_(float(qa))
     bank.q_b.fill_(float(max(qb, qa + 1e-6)))

@@ -108,7 +108,8 @@ def fit_position_prior(model: CSADModel, images: np.ndarray, batch: int = 16) ->
         f = model.backbone(x)
         sums["lgst"] += model.lgst(x, f).float().sum(dim=0, keepdim=True)
         if model.patch_knn is not None:
-            sums["knn"] += model.patch_knn(f[0], f[1]).float().sum(dim=0, keepdim=True)
+            knn_map = model.patch_knn(model.patch_knn.describe(f[0], f[1]))
+            sums["knn"] += knn_map.float().sum(dim=0, keepdim=True)
     for name, total in sums.items():
         mean = total / len(images)
         blurred = F.avg_pool2d(mean, 5, stride=1, padding=2, count_include_pad=False)
