@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.banks import FewShotBank, fewshot_descriptors
 from engines.errors import ConfigError
 from engines.model import CSADModel, ModelConfig
-from offline.banks import fit_fewshot_bank
 from offline.datasets import load_image, open_dataset
 from offline.evaluate import EvaluationError, auroc, f1_max
 
@@ -44,23 +44,20 @@ def fewshot_curve(
     log(f"reading {len(test)} test images")
     images = np.stack([load_image(s.path, input_size) for s in test])
     shots_images = np.stack([load_image(s.path, input_size) for s in dataset.train[: max(shots)]])
-    backbone_model = CSADModel(ModelConfig(backbone=backbone, input_size=input_size)).eval()
-    taps = []  # the backbone runs once per test image; only the bank changes with k
-    for i in range(0, len(images), batch):
-        f = backbone_model.backbone(
-            backbone_model.preprocess(torch.from_numpy(images[i : i + batch]))
-        )
-        taps.append((f[1], f[2]))
+    model = CSADModel(ModelConfig(backbone=backbone, input_size=input_size)).eval()
+
+    def taps(chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        f = model.backbone(model.preprocess(torch.from_numpy(chunk)))
+        return f[1], f[2]
+
+    # the backbone runs once per image; only the bank changes with k
+    tests = [taps(images[i : i + batch]) for i in range(0, len(images), batch)]
+    shot_desc = fewshot_descriptors(*taps(shots_images))
     rows = []
     for k in sorted(shots):
-        config = ModelConfig(backbone=backbone, input_size=input_size, fewshot_shots=k)
-        model = CSADModel(config, backbone_weights=None)
-        model.backbone.load_state_dict(backbone_model.backbone.state_dict())
-        model.eval()
-        info = fit_fewshot_bank(model, shots_images[:k])
-        bank = model.fewshot_knn
-        assert bank is not None
-        scores = [bank(f8, f16).numpy() for f8, f16 in taps]
+        bank = FewShotBank(shot_desc.shape[-1], k, input_size // 8)
+        info = bank.fit(shot_desc[:k])
+        scores = [bank(f8, f16).numpy() for f8, f16 in tests]
         s = np.concatenate(scores).astype(np.float64)
         good = y == 0
         row = {
