@@ -38,6 +38,7 @@ def export_onnx(model: CSADModel, path: str | Path, *, opset: int = MIN_OPSET) -
     path = Path(path)
     size = model.config.input_size
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
+    outputs = output_names(model)
     was_training = model.training
     model.eval()
     try:
@@ -50,8 +51,8 @@ def export_onnx(model: CSADModel, path: str | Path, *, opset: int = MIN_OPSET) -
                 (example,),
                 str(path),
                 input_names=[INPUT_NAME],
-                output_names=list(output_names(model)),
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names(model))},
+                output_names=list(outputs),
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
