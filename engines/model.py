@@ -70,6 +70,7 @@ class ModelConfig:
     fewshot_shots: int = 0  # good images behind the training-free few-shot branch; 0: none
     patch_search: str = "graph"  # patch bank search: in the graph, or faiss-flat|ivf|hnsw after it
     position_prior: bool = False  # subtract good parts' mean map per position before the max
+    position_scale: bool = False  # and divide by their spread there (needs position_prior)
 
     def __post_init__(self) -> None:
         backbone_spec(self.backbone)  # raises with the list of known names
@@ -95,6 +96,10 @@ class ModelConfig:
         if self.patch_search not in PATCH_SEARCHES:
             raise ConfigError(
                 f"unknown patch_search {self.patch_search!r}; use one of {PATCH_SEARCHES}"
+            )
+        if self.position_scale and not self.position_prior:
+            raise ConfigError(
+                "position_scale divides the map after the prior: it needs position_prior"
             )
         if self.comp_bank and self.num_classes < 2:
             raise ConfigError("comp_bank needs at least one component class")
@@ -143,6 +148,8 @@ class CSADModel(nn.Module):
     pixel_std: torch.Tensor
     prior_lgst: torch.Tensor  # only with ModelConfig.position_prior
     prior_knn: torch.Tensor
+    prior_scale_lgst: torch.Tensor  # only with ModelConfig.position_scale
+    prior_scale_knn: torch.Tensor
 
     def __init__(self, config: ModelConfig, backbone_weights: str | Path | None = "imagenet"):
         super().__init__()
@@ -174,6 +181,12 @@ class CSADModel(nn.Module):
             s = config.map_size
             self.register_buffer("prior_lgst", torch.zeros(1, 1, s, s))
             self.register_buffer("prior_knn", torch.zeros(1, 1, s, s))
+        if config.position_scale:
+            # Positions where good parts differ a lot among themselves (edges under pose jitter)
+            # would still set the maximum after the mean is gone; their spread, relative to
+            # the map's typical spread, divides them down (one until calibration).
+            self.register_buffer("prior_scale_lgst", torch.ones(1, 1, s, s))
+            self.register_buffer("prior_scale_knn", torch.ones(1, 1, s, s))
         self.fewshot_knn = (
             FewShotBank(
                 spec.channels[8] + spec.channels[16], config.fewshot_shots, config.input_size // 8
@@ -204,6 +217,8 @@ class CSADModel(nn.Module):
         lgst_map = self.lgst(x, features)
         if self.config.position_prior:
             lgst_map = lgst_map - self.prior_lgst
+        if self.config.position_scale:
+            lgst_map = lgst_map / self.prior_scale_lgst
         columns = [self.patch_hist(labels), lgst_map.amax(dim=(1, 2, 3)).to(torch.float32)]
         amap = lgst_map.to(torch.float32)
         patch_features = None
@@ -221,6 +236,8 @@ class CSADModel(nn.Module):
             knn_map = self.patch_knn(desc)
             if self.config.position_prior:
                 knn_map = knn_map - self.prior_knn
+            if self.config.position_scale:
+                knn_map = knn_map / self.prior_scale_knn
             columns.append(knn_map.amax(dim=(1, 2, 3)))
             amap = amap + knn_map
         if self.hist_knn is not None:

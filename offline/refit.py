@@ -34,6 +34,7 @@ def refit_bundle(
     fewshot_shots: int | None = None,
     patch_search: str | None = None,
     position_prior: bool | None = None,
+    position_scale: bool | None = None,
     normalisation: str | None = None,
     fusion: str | None = None,
     target_frr: float | None = None,
@@ -68,6 +69,7 @@ def refit_bundle(
         fewshot_shots=old.fewshot_shots if fewshot_shots is None else fewshot_shots,
         patch_search=patch_search or old.patch_search,
         position_prior=old.position_prior if position_prior is None else position_prior,
+        position_scale=old.position_scale if position_scale is None else position_scale,
     )
     if config.fewshot_shots > len(train_images):
         raise ConfigError(

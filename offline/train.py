@@ -56,6 +56,7 @@ class TrainPreset:
     # from 0.915 to 0.962 and the fused logical / structural AUROC from 0.950 / 0.944 to
     # 0.957 / 0.949, with the same networks (lineguard refit --position-prior).
     position_prior: bool = True
+    position_scale: bool = False  # also divide each position by good parts' spread there
 
 
 PRESETS: dict[str, TrainPreset] = {
@@ -155,6 +156,7 @@ def train_bundle(
     comp_bank: bool | None = None,
     fewshot_shots: int | None = None,
     position_prior: bool | None = None,
+    position_scale: bool | None = None,
     patch_search: str = "graph",
     progress: bool = True,
     restart: bool = False,
@@ -172,6 +174,7 @@ def train_bundle(
         "comp_bank": comp_bank,
         "fewshot_shots": fewshot_shots,
         "position_prior": position_prior,
+        "position_scale": position_scale,
     }
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -259,6 +262,7 @@ def train_bundle(
         fewshot_shots=preset.fewshot_shots,
         patch_search=patch_search,
         position_prior=preset.position_prior,
+        position_scale=preset.position_scale,
     )
     if preset.fewshot_shots > len(train_images):
         raise ConfigError(

@@ -1083,6 +1083,10 @@ def train(
         bool | None,
         typer.Option(help="Subtract good parts' mean map per position (default: on)."),
     ] = None,
+    position_scale: Annotated[
+        bool | None,
+        typer.Option(help="Also divide by good parts' spread per position (default: off)."),
+    ] = None,
     restart: Annotated[bool, typer.Option(help="Discard finished stages and start over.")] = False,
 ) -> None:
     """Pseudo-labels → segmentation → LGST → memory banks → calibration → bundle (resumable)."""
@@ -1105,6 +1109,7 @@ def train(
         fewshot_shots=fewshot,
         patch_search=patch_search,
         position_prior=position_prior,
+        position_scale=position_scale,
         restart=restart,
         log=lambda msg: err_console.print(msg, highlight=False),
     )
@@ -1171,6 +1176,9 @@ def refit(
     position_prior: Annotated[
         bool | None, typer.Option(help="Subtract good parts' mean map per position.")
     ] = None,
+    position_scale: Annotated[
+        bool | None, typer.Option(help="Also divide by good parts' spread per position.")
+    ] = None,
     normalisation: Annotated[
         str | None, typer.Option(help="trimmed_z (CSAD) or loo_max (PSAD).")
     ] = None,
@@ -1190,6 +1198,7 @@ def refit(
         fewshot_shots=fewshot,
         patch_search=patch_search,
         position_prior=position_prior,
+        position_scale=position_scale,
         normalisation=normalisation,
         fusion=fusion,
         target_frr=target_frr,

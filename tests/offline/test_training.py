@@ -302,3 +302,31 @@ def test_position_prior_removes_what_every_good_part_shows() -> None:
         adjusted = model(torch.from_numpy(goods)).anomaly_map.mean(dim=0)
     # on the good parts themselves the adjusted map averages out near zero, the raw one not
     assert float(adjusted.mean().abs()) < 0.1 * float(raw.mean().abs())
+
+
+def test_position_scale_evens_out_how_much_good_parts_vary() -> None:
+    from offline.calibrate import fit_position_prior
+
+    config = ModelConfig(
+        input_size=64, class_names=("bg", "a"), position_prior=True, position_scale=True
+    )
+    torch.manual_seed(0)
+    model = CSADModel(config, backbone_weights=None).eval()
+    rng = np.random.default_rng(1)
+    # good parts that agree on their right half and differ wildly on their left half
+    goods = np.repeat(rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8), 16, axis=0)
+    goods[:, :, :32] = rng.integers(0, 256, (16, 64, 32, 3), dtype=np.uint8)
+
+    def left_over_right() -> float:
+        with torch.no_grad():
+            std = model(torch.from_numpy(goods)).anomaly_map.std(dim=0)[0]
+        return float(std[:, :6].mean() / std[:, -6:].mean())
+
+    before = left_over_right()
+    fit_position_prior(model, goods)
+    assert float(model.prior_scale_lgst.min()) >= 0.25
+    assert float(model.prior_scale_lgst.median()) == pytest.approx(1.0, abs=0.05)
+    # the restless half is divided down relative to the quiet one
+    assert left_over_right() < 0.5 * before
+    with pytest.raises(LineguardError, match="position_prior"):
+        ModelConfig(position_scale=True)
