@@ -118,10 +118,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_version(config: ModelConfig, files: dict[str, str]) -> str:
-    """Content address of the model: same weights, statistics and config → same version."""
-    canonical = json.dumps({"config": config.to_json(), "files": files}, sort_keys=True)
-    return f"{config.backbone}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+def _model_version(backbone: str, config: dict[str, Any], files: dict[str, str]) -> str:
+    """Content address of the model: same weights, statistics and config → same version.
+
+    Hashed over the config *as written in the manifest*, not as this lineguard would write it,
+    so that a bundle saved before ``ModelConfig`` gained a field (which then takes its "off"
+    default) still verifies.
+    """
+    canonical = json.dumps({"config": config, "files": files}, sort_keys=True)
+    return f"{backbone}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 
 def _software() -> dict[str, str]:
@@ -175,7 +180,7 @@ def save_bundle(
         spec = backbone_spec(model.config.backbone)
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "model_version": _model_version(model.config, files),
+            "model_version": _model_version(model.config.backbone, model.config.to_json(), files),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": model.config.to_json(),
             "branches": list(model.config.branches),
@@ -293,7 +298,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         config = ModelConfig.from_json(manifest["model"])
     except (KeyError, TypeError) as exc:
         raise BundleError(f"bundle manifest has no valid 'model' section ({exc!r})") from exc
-    if manifest.get("model_version") != _model_version(config, files):
+    if manifest.get("model_version") != _model_version(config.backbone, manifest["model"], files):
         raise BundleError("bundle model_version does not match its files and config: tampered?")
     calibration = Calibration.from_json(
         _parse_json(calibration_bytes, root / CALIBRATION, "calibration")

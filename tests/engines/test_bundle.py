@@ -131,3 +131,20 @@ def test_fused_scores_follow_calibration() -> None:
         Calibration(("a",), (0.0,), (1.0,), 1.0, combine="mean")
     with pytest.raises(BundleError, match="expects"):
         cal.fuse(np.zeros((2, 3)))
+
+
+def test_bundle_from_before_a_config_field_existed_still_loads(bundle_dir: Path) -> None:
+    import hashlib
+
+    # an older lineguard wrote no position_scale and hashed the config it did write
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    old_config = {k: v for k, v in manifest["model"].items() if k != "position_scale"}
+    canonical = json.dumps({"config": old_config, "files": manifest["files"]}, sort_keys=True)
+    version = f"{old_config['backbone']}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+    _edit_manifest(bundle_dir, model=old_config, model_version=version)
+    bundle = load_bundle(bundle_dir)
+    assert bundle.version == version and bundle.config.position_scale is False
+    # a config changed after the version was taken is still refused
+    _edit_manifest(bundle_dir, model=dict(old_config, position_prior=True))
+    with pytest.raises(BundleError, match="tampered"):
+        load_bundle(bundle_dir)
