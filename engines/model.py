@@ -70,7 +70,7 @@ class ModelConfig:
     fewshot_shots: int = 0  # good images behind the training-free few-shot branch; 0: none
     patch_search: str = "graph"  # patch bank search: in the graph, or faiss-flat|ivf|hnsw after it
     position_prior: bool = False  # subtract good parts' mean map per position before the max
-    position_scale: bool = False  # and divide by their spread there (needs position_prior)
+    position_scale: bool = False  # and divide the LGST map by their spread there (needs prior)
 
     def __post_init__(self) -> None:
         backbone_spec(self.backbone)  # raises with the list of known names
@@ -149,7 +149,6 @@ class CSADModel(nn.Module):
     prior_lgst: torch.Tensor  # only with ModelConfig.position_prior
     prior_knn: torch.Tensor
     prior_scale_lgst: torch.Tensor  # only with ModelConfig.position_scale
-    prior_scale_knn: torch.Tensor
 
     def __init__(self, config: ModelConfig, backbone_weights: str | Path | None = "imagenet"):
         super().__init__()
@@ -183,10 +182,11 @@ class CSADModel(nn.Module):
             self.register_buffer("prior_knn", torch.zeros(1, 1, s, s))
         if config.position_scale:
             # Positions where good parts differ a lot among themselves (edges under pose jitter)
-            # would still set the maximum after the mean is gone; their spread, relative to
-            # the map's typical spread, divides them down (one until calibration).
+            # still set LGST's maximum after the mean is gone; their spread, relative to the
+            # map's typical spread, divides them down (one until calibration). Not for the patch
+            # bank: its distances are to good patches that already span that variation, and on
+            # the seed-1 selection line dividing them too cost structural AUROC (0.951 → 0.945).
             self.register_buffer("prior_scale_lgst", torch.ones(1, 1, s, s))
-            self.register_buffer("prior_scale_knn", torch.ones(1, 1, s, s))
         self.fewshot_knn = (
             FewShotBank(
                 spec.channels[8] + spec.channels[16], config.fewshot_shots, config.input_size // 8
@@ -236,8 +236,6 @@ class CSADModel(nn.Module):
             knn_map = self.patch_knn(desc)
             if self.config.position_prior:
                 knn_map = knn_map - self.prior_knn
-            if self.config.position_scale:
-                knn_map = knn_map / self.prior_scale_knn
             columns.append(knn_map.amax(dim=(1, 2, 3)))
             amap = amap + knn_map
         if self.hist_knn is not None:

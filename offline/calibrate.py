@@ -93,7 +93,7 @@ def fit_histogram_statistics(
 
 @torch.no_grad()
 def fit_position_prior(model: CSADModel, images: np.ndarray, batch: int = 16) -> None:
-    """Per-position mean (and, with ``position_scale``, spread) of the normalised maps.
+    """Per-position mean of the normalised maps (and, with ``position_scale``, LGST's spread).
 
     Taken after the map quantiles, with the prior at zero, and blurred 5×5 so that a
     position's prior is not just the noise of a hundred images. The spread is divided by its
@@ -103,36 +103,31 @@ def fit_position_prior(model: CSADModel, images: np.ndarray, batch: int = 16) ->
     """
     from torch.nn import functional as F
 
-    scaled = model.config.position_scale
     model.prior_lgst.zero_()
     model.prior_knn.zero_()
-    if scaled:
+    if model.config.position_scale:
         model.prior_scale_lgst.fill_(1.0)
-        model.prior_scale_knn.fill_(1.0)
-    zeros = torch.zeros_like(model.prior_lgst)
-    sums = {"lgst": zeros.clone(), "knn": zeros.clone()}
-    squares = {"lgst": zeros.clone(), "knn": zeros.clone()}
+    sums = {"lgst": torch.zeros_like(model.prior_lgst), "knn": torch.zeros_like(model.prior_knn)}
+    lgst_squares = torch.zeros_like(model.prior_lgst)
     for i in range(0, len(images), batch):
         x = model.preprocess(torch.from_numpy(images[i : i + batch]))
         f = model.backbone(x)
-        maps = {"lgst": model.lgst(x, f).float()}
+        lgst_map = model.lgst(x, f).float()
+        sums["lgst"] += lgst_map.sum(dim=0, keepdim=True)
+        lgst_squares += lgst_map.square().sum(dim=0, keepdim=True)
         if model.patch_knn is not None:
-            maps["knn"] = model.patch_knn(model.patch_knn.describe(f[0], f[1])).float()
-        for name, m in maps.items():
-            sums[name] += m.sum(dim=0, keepdim=True)
-            squares[name] += m.square().sum(dim=0, keepdim=True)
+            knn_map = model.patch_knn(model.patch_knn.describe(f[0], f[1]))
+            sums["knn"] += knn_map.float().sum(dim=0, keepdim=True)
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(t, 5, stride=1, padding=2, count_include_pad=False)
 
-    n = len(images)
-    for name in sums:
-        mean = sums[name] / n
-        getattr(model, f"prior_{name}").copy_(blur(mean))
-        if scaled:
-            spread = blur((squares[name] / n - mean.square()).clamp_min(0.0).sqrt())
-            typical = spread.median().clamp_min(1e-6)
-            getattr(model, f"prior_scale_{name}").copy_((spread / typical).clamp_min(0.25))
+    for name, total in sums.items():
+        getattr(model, f"prior_{name}").copy_(blur(total / len(images)))
+    if model.config.position_scale:
+        mean = sums["lgst"] / len(images)
+        spread = blur((lgst_squares / len(images) - mean.square()).clamp_min(0.0).sqrt())
+        model.prior_scale_lgst.copy_((spread / spread.median().clamp_min(1e-6)).clamp_min(0.25))
 
 
 def calibrate(

@@ -35,11 +35,9 @@ class FaissStage:
             self.q_b = float(state["patch_knn.q_b"])
         except KeyError as exc:
             raise BundleError(f"the model weights lack the patch bank tensor {exc}") from exc
-        # the same per-position prior (zero when off) and spread (one when off) as in the graph
+        # the same per-position prior the in-graph branch subtracts (zero when it is off)
         prior = state.get("prior_knn")
         self.prior = 0.0 if prior is None else prior.float().cpu().numpy()
-        scale = state.get("prior_scale_knn")
-        self.scale = 1.0 if scale is None else scale.float().cpu().numpy()
         self.search = FaissSearch(bank, config.patch_search.removeprefix("faiss-"))
         self.column = config.branches.index("patch_knn")
         self.map_size = config.map_size
@@ -59,7 +57,6 @@ class FaissStage:
         s = self.map_size
         distances = self.search.nearest(features.reshape(-1, d)).reshape(b, 1, s, s)
         knn_map = MAP_SCALE * (distances - self.q_a) / (self.q_b - self.q_a) - self.prior
-        knn_map = knn_map / self.scale
         knn_map = knn_map.astype(np.float32)
         scores = np.array(out.scores, dtype=np.float32, copy=True)
         scores[:, self.column] = knn_map.max(axis=(1, 2, 3))

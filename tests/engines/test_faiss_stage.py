@@ -33,7 +33,7 @@ def _pair() -> tuple[CSADModel, CSADModel]:
     graph.patch_knn.q_a.fill_(0.5)
     graph.patch_knn.q_b.fill_(2.0)
     graph.prior_knn.copy_(torch.linspace(0, 0.2, 16 * 16).reshape(1, 1, 16, 16))
-    graph.prior_scale_knn.copy_(torch.linspace(0.5, 2.0, 16 * 16).reshape(1, 1, 16, 16))
+    graph.prior_scale_lgst.copy_(torch.linspace(0.5, 2.0, 16 * 16).reshape(1, 1, 16, 16))
     faiss = CSADModel(replace(GRAPH, patch_search="faiss-flat"), backbone_weights=None).eval()
     faiss.load_state_dict(graph.state_dict())
     return graph, faiss
