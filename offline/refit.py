@@ -61,6 +61,7 @@ def refit_bundle(
     def images_if(on: bool | None, current: int) -> int:
         return len(train_images) if (bool(current) if on is None else on) else 0
 
+    prior = old.position_prior if position_prior is None else position_prior
     config = replace(
         old,
         patch_bank=old.patch_bank if patch_bank is None else patch_bank,
@@ -68,8 +69,10 @@ def refit_bundle(
         comp_bank=images_if(comp_bank, old.comp_bank),
         fewshot_shots=old.fewshot_shots if fewshot_shots is None else fewshot_shots,
         patch_search=patch_search or old.patch_search,
-        position_prior=old.position_prior if position_prior is None else position_prior,
-        position_scale=old.position_scale if position_scale is None else position_scale,
+        position_prior=prior,
+        position_scale=(
+            (old.position_scale and prior) if position_scale is None else position_scale
+        ),
     )
     if config.fewshot_shots > len(train_images):
         raise ConfigError(

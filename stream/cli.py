@@ -1085,7 +1085,7 @@ def train(
     ] = None,
     position_scale: Annotated[
         bool | None,
-        typer.Option(help="Also divide by good parts' spread per position (default: off)."),
+        typer.Option(help="Divide LGST's map by good parts' spread per position (default: on)."),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Discard finished stages and start over.")] = False,
 ) -> None:
@@ -1177,7 +1177,7 @@ def refit(
         bool | None, typer.Option(help="Subtract good parts' mean map per position.")
     ] = None,
     position_scale: Annotated[
-        bool | None, typer.Option(help="Also divide by good parts' spread per position.")
+        bool | None, typer.Option(help="Also divide LGST's map by good parts' spread per position.")
     ] = None,
     normalisation: Annotated[
         str | None, typer.Option(help="trimmed_z (CSAD) or loo_max (PSAD).")
