@@ -68,6 +68,8 @@ def test_training_writes_a_verified_calibrated_bundle(trained: Path) -> None:
     assert float(model.hist_knn.bank_sq.sum()) > 0 and float(model.comp_knn.bank_sq.sum()) > 0
     assert float(model.fewshot_knn.bank.norm(dim=1).min()) == pytest.approx(1.0, abs=1e-4)
     assert float(model.lgst.teacher.std.min()) > 0  # teacher normalisation was fitted
+    assert bundle.config.position_prior and bundle.config.position_scale  # the defaults
+    assert float(model.prior_scale_lgst.std()) > 0  # the spread was fitted
     state = json.loads((trained.with_name("tray.work") / "state.json").read_text())
     assert state["done"] == ["pseudo_labels", "segmentation", "lgst", "banks", "calibration"]
 
@@ -259,6 +261,9 @@ def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
     assert out.calibration.sigma[k] == pytest.approx(float(d.max()), rel=1e-4)
     with pytest.raises(LineguardError, match="other than the source"):
         refit_bundle(trained, line, trained)
+    # switching the prior off takes the spread (which divides what the prior left) with it
+    off = refit_bundle(trained, line, tmp_path / "off", position_prior=False)
+    assert not off.config.position_prior and not off.config.position_scale
 
 
 def test_loo_scaling_of_the_patch_bank_is_psads_formula() -> None:
