@@ -5,10 +5,9 @@ Order matters because each statistic normalises the next:
 1. histogram Gaussians (mean, regularised inverse covariance) per grid, from the training
    images' predicted segmentations — the "normal composition" of the product;
 2. LGST (and patch-bank) map quantiles q_a, q_b (0.9 and 0.995) from validation goods
-   (EfficientAD);
+   (EfficientAD); then, with the position prior, the per-position mean of the normalised maps
+   (and LGST's per-position spread), so that branch scores are taken on the adjusted maps;
 3. each histogram detector's trimmed μ, σ on validation goods (CSAD sums them normalised);
-   with the position prior, the per-position mean of the normalised maps (and LGST's spread),
-   also from validation goods, so that branch scores are taken on the adjusted maps;
 4. per-branch fusion statistics and the threshold at the target false-reject rate, from the
    validation goods' raw branch scores. The leave-one-out maxima for PSAD's alternative
    normalisation are stored beside them (from the training images for the memory banks).
