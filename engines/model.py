@@ -72,6 +72,12 @@ class ModelConfig:
     position_prior: bool = False  # subtract good parts' mean map per position before the max
     position_scale: bool = False  # and divide the LGST map by their spread there (needs prior)
 
+    @staticmethod
+    def position_scale_for(prior: bool, asked: bool | None, default: bool) -> bool:
+        """The spread setting when a user sets the prior: one not asked for follows the prior,
+        since it divides what the prior leaves."""
+        return (default and prior) if asked is None else asked
+
     def __post_init__(self) -> None:
         backbone_spec(self.backbone)  # raises with the list of known names
         if self.profile not in PROFILES:

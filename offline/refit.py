@@ -17,7 +17,7 @@ import numpy as np
 
 from engines.bundle import Bundle, load_bundle, save_bundle
 from engines.errors import BundleError, ConfigError
-from engines.model import CSADModel
+from engines.model import CSADModel, ModelConfig
 from offline.banks import BANK_BRANCHES, fit_banks
 from offline.calibrate import calibrate
 from offline.datasets import load_image, open_dataset
@@ -70,9 +70,7 @@ def refit_bundle(
         fewshot_shots=old.fewshot_shots if fewshot_shots is None else fewshot_shots,
         patch_search=patch_search or old.patch_search,
         position_prior=prior,
-        position_scale=(
-            (old.position_scale and prior) if position_scale is None else position_scale
-        ),
+        position_scale=ModelConfig.position_scale_for(prior, position_scale, old.position_scale),
     )
     if config.fewshot_shots > len(train_images):
         raise ConfigError(

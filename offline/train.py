@@ -181,8 +181,10 @@ def train_bundle(
         "position_scale": position_scale,
     }
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
-    if not preset.position_prior and position_scale is None:
-        preset = replace(preset, position_scale=False)  # the spread divides what the prior left
+    scale = ModelConfig.position_scale_for(
+        preset.position_prior, position_scale, preset.position_scale
+    )
+    preset = replace(preset, position_scale=scale)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"device {device!r} asked for but torch sees no CUDA GPU: use --device cpu"
