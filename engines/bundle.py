@@ -118,7 +118,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_version(backbone: str, config: dict[str, Any], files: dict[str, str]) -> str:
+def _model_version(config: dict[str, Any], files: dict[str, str]) -> str:
     """Content address of the model: same weights, statistics and config → same version.
 
     Hashed over the config *as written in the manifest*, not as this lineguard would write it,
@@ -126,7 +126,7 @@ def _model_version(backbone: str, config: dict[str, Any], files: dict[str, str])
     default) still verifies.
     """
     canonical = json.dumps({"config": config, "files": files}, sort_keys=True)
-    return f"{backbone}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+    return f"{config.get('backbone')}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 
 def _software() -> dict[str, str]:
@@ -180,7 +180,7 @@ def save_bundle(
         spec = backbone_spec(model.config.backbone)
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "model_version": _model_version(model.config.backbone, model.config.to_json(), files),
+            "model_version": _model_version(model.config.to_json(), files),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": model.config.to_json(),
             "branches": list(model.config.branches),
@@ -298,7 +298,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         config = ModelConfig.from_json(manifest["model"])
     except (KeyError, TypeError) as exc:
         raise BundleError(f"bundle manifest has no valid 'model' section ({exc!r})") from exc
-    if manifest.get("model_version") != _model_version(config.backbone, manifest["model"], files):
+    if manifest.get("model_version") != _model_version(manifest["model"], files):
         raise BundleError("bundle model_version does not match its files and config: tampered?")
     calibration = Calibration.from_json(
         _parse_json(calibration_bytes, root / CALIBRATION, "calibration")

@@ -123,11 +123,12 @@ def fit_position_prior(model: CSADModel, images: np.ndarray, batch: int = 16) ->
     def blur(t: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(t, 5, stride=1, padding=2, count_include_pad=False)
 
-    for name, total in sums.items():
-        getattr(model, f"prior_{name}").copy_(blur(total / len(images)))
+    means = {name: total / len(images) for name, total in sums.items()}
+    for name, mean in means.items():
+        getattr(model, f"prior_{name}").copy_(blur(mean))
     if model.config.position_scale:
-        mean = sums["lgst"] / len(images)
-        spread = blur((lgst_squares / len(images) - mean.square()).clamp_min(0.0).sqrt())
+        variance = lgst_squares / len(images) - means["lgst"].square()
+        spread = blur(variance.clamp_min(0.0).sqrt())
         model.prior_scale_lgst.copy_((spread / spread.median().clamp_min(1e-6)).clamp_min(0.25))
 
 
