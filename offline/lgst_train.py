@@ -10,6 +10,9 @@ Per step, on a batch of good images (colour-jittered half of the time):
 
 One backbone pass and one student pass per step serve all three losses (EfficientAD runs a
 second student pass on a separately augmented image); on a CPU that halves the step time.
+The backbone is frozen, so for the steps that see images unjittered the teacher's targets are
+read from a cache filled once (``teacher_targets``) instead of recomputed: the same numbers,
+a quarter less time per CPU step on average.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from engines.model import CSADModel
 from offline.augment import color_jitter, procedural_images
 
 PENALTY_MODES = ("procedural", "folder", "off")
+# Up to this many bytes of teacher targets are kept for the unjittered steps: 2 GiB holds ~1000
+# images at 256 px with the lite profile (2 MiB each); a larger training set is served uncached.
+TEACHER_CACHE_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,22 @@ def fit_teacher_normalisation(model: CSADModel, images: np.ndarray, device: str 
     model.lgst.teacher.std.copy_(std.float().clamp_min(1e-6))
 
 
+@torch.no_grad()
+def teacher_targets(
+    model: CSADModel, images: np.ndarray, budget: int, device: str = "cpu"
+) -> torch.Tensor | None:
+    """The normalised teacher output for every training image, or None if it exceeds ``budget``
+    bytes. Needs the teacher's normalisation fitted first."""
+    teacher = model.lgst.teacher
+    feat = teacher.feat_size
+    need = len(images) * teacher.proj.out_channels * feat * feat * 4
+    if need > budget:
+        return None
+    return torch.cat(
+        [teacher(model.backbone(model.preprocess(chunk))) for chunk in batched(images, device)]
+    )
+
+
 def hard_mse(diff2: torch.Tensor, quantile: float) -> torch.Tensor:
     """Mean of the squared errors at or above their ``quantile`` (hard-feature mining)."""
     flat = diff2.flatten()
@@ -107,6 +129,7 @@ def train_lgst(
     config: LGSTTrainConfig = LGSTTrainConfig(),
     on_step: Callable[[int, dict[str, float]], object] | None = None,
     device: str = "cpu",
+    cache_bytes: int = TEACHER_CACHE_BYTES,
 ) -> dict[str, float]:
     """Fit the local student and autoencoder on good ``images`` (uint8 ``[N, S, S, 3]``)."""
     torch.manual_seed(config.seed)
@@ -123,17 +146,22 @@ def train_lgst(
         step_size = max(int(0.95 * config.steps), 1)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
     penalty = penalty_source(config, model.config.input_size)
+    cached = teacher_targets(model, images, cache_bytes, device)
     student.train()
     autoencoder.train()
     last: dict[str, float] = {}
     for step in range(config.steps):
-        batch = torch.from_numpy(images[rng.integers(0, len(images), config.batch_size)])
-        if torch.rand((), generator=generator) < config.jitter_probability:
+        picked = rng.integers(0, len(images), config.batch_size)
+        batch = torch.from_numpy(images[picked])
+        jittered = bool(torch.rand((), generator=generator) < config.jitter_probability)
+        if jittered:
             batch = color_jitter(batch, generator)
         x = model.preprocess(batch.to(device))
-        with torch.no_grad():
-            f = model.backbone(x)
-            teacher = lgst.teacher(f)
+        if cached is not None and not jittered:
+            teacher = cached[torch.from_numpy(picked).to(cached.device)]
+        else:
+            with torch.no_grad():
+                teacher = lgst.teacher(model.backbone(x))
         local, global_ = student(x)
         loss_st = hard_mse((teacher - local).pow(2), config.hard_quantile)
         ae = autoencoder(x)

@@ -15,7 +15,14 @@ from engines.errors import LineguardError
 from engines.model import CSADModel, ModelConfig
 from offline.banks import greedy_coreset
 from offline.evaluate import compute_metrics, evaluate_bundle
-from offline.lgst_train import LGSTTrainConfig, hard_mse
+from offline.lgst_train import (
+    TEACHER_CACHE_BYTES,
+    LGSTTrainConfig,
+    fit_teacher_normalisation,
+    hard_mse,
+    teacher_targets,
+    train_lgst,
+)
 from offline.pseudo_labels import PseudoLabelConfig
 from offline.seg_train import SegTrainConfig, dice_loss, histogram_loss, lsa
 from offline.synth import make_line
@@ -335,3 +342,23 @@ def test_position_scale_evens_out_how_much_good_parts_vary() -> None:
     assert left_over_right() < 0.5 * before
     with pytest.raises(LineguardError, match="position_prior"):
         ModelConfig(position_scale=True)
+
+
+def test_cached_teacher_targets_train_the_same_networks() -> None:
+    """The cache only skips recomputing the frozen teacher: with and without it, the same seed
+    must give the same student and autoencoder (jittered steps still compute theirs)."""
+    images = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    config = LGSTTrainConfig(steps=6, batch_size=2, jitter_probability=0.5)
+    trained = []
+    for cache_bytes in (TEACHER_CACHE_BYTES, 0):
+        torch.manual_seed(0)  # the student's and autoencoder's initial weights
+        model = CSADModel(ModelConfig(input_size=64), backbone_weights="imagenet").eval()
+        fit_teacher_normalisation(model, images)
+        if cache_bytes:
+            assert teacher_targets(model, images, cache_bytes) is not None
+        assert teacher_targets(model, images, 0) is None
+        train_lgst(model, images, config, cache_bytes=cache_bytes)
+        trained.append(model.lgst.state_dict())
+    cached, recomputed = trained
+    for name, value in cached.items():
+        torch.testing.assert_close(value, recomputed[name], rtol=1e-4, atol=1e-5, msg=name)
