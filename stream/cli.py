@@ -1090,7 +1090,10 @@ def train(
     restart: Annotated[bool, typer.Option(help="Discard finished stages and start over.")] = False,
 ) -> None:
     """Pseudo-labels → segmentation → LGST → memory banks → calibration → bundle (resumable)."""
+    from engines.allocator import keep_freed_memory
     from offline.train import train_bundle
+
+    keep_freed_memory()  # this process is the job: keep its freed tensors for the next step
 
     bundle = train_bundle(
         data_dir,
@@ -1186,7 +1189,10 @@ def refit(
     target_frr: Annotated[float | None, typer.Option(help="Threshold's false-reject rate.")] = None,
 ) -> None:
     """Refill the memory banks and recalibrate a trained bundle, without retraining (minutes)."""
+    from engines.allocator import keep_freed_memory
     from offline.refit import refit_bundle
+
+    keep_freed_memory()  # this process is the job: keep its freed tensors for the next step
 
     bundle = refit_bundle(
         bundle_dir,
