@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from engines.model import CSADModel
 from offline.augment import color_jitter, procedural_images
@@ -93,12 +94,19 @@ def teacher_targets(
     )
 
 
-def hard_mse(diff2: torch.Tensor, quantile: float) -> torch.Tensor:
-    """Mean of the squared errors at or above their ``quantile`` (hard-feature mining)."""
-    flat = diff2.flatten()
-    k = max(int(flat.numel() * quantile), 1)
-    threshold = flat.kthvalue(k).values.detach()
-    return flat[flat >= threshold].mean()
+def hard_mse(target: torch.Tensor, output: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Mean squared error over the elements whose error is at or above its ``quantile``
+    (hard-feature mining).
+
+    The elements are chosen without autograd and only they are differenced again with it: the
+    backward pass then touches a 0.1 % slice instead of three full-size tensors (a [8, 128, 64, 64]
+    map per step on a CPU).
+    """
+    with torch.no_grad():
+        diff2 = (target - output).pow_(2).flatten()
+        k = max(int(diff2.numel() * quantile), 1)
+        hard = (diff2 >= diff2.kthvalue(k).values).nonzero().squeeze(1)
+    return (target.flatten()[hard] - output.flatten()[hard]).pow(2).mean()
 
 
 def penalty_source(config: LGSTTrainConfig, size: int) -> Callable[[int], np.ndarray] | None:
@@ -163,10 +171,10 @@ def train_lgst(
             with torch.no_grad():
                 teacher = lgst.teacher(model.backbone(x))
         local, global_ = student(x)
-        loss_st = hard_mse((teacher - local).pow(2), config.hard_quantile)
+        loss_st = hard_mse(teacher, local, config.hard_quantile)
         ae = autoencoder(x)
-        loss_ae = (teacher - ae).pow(2).mean()
-        loss_stae = (ae.detach() - global_).pow(2).mean()
+        loss_ae = F.mse_loss(ae, teacher)  # one fused kernel each way, unlike (a - b).pow(2).mean()
+        loss_stae = F.mse_loss(global_, ae.detach())
         loss = loss_st + loss_ae + loss_stae
         if penalty is not None and step % config.penalty_every == 0:
             odd = model.preprocess(torch.from_numpy(penalty(config.batch_size)).to(device))

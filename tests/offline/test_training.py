@@ -179,8 +179,14 @@ def test_losses_and_lsa() -> None:
     image[labels == 1] = 200
     moved_img, moved = lsa(image, labels, np.random.default_rng(0), max_copies=1)
     assert (moved == 1).sum() >= 16 and (moved_img[moved == 1] == 200).all()
-    diff2 = torch.arange(1000.0)
-    assert hard_mse(diff2, 0.99).item() == pytest.approx(diff2[989:].mean().item())
+    output = torch.arange(1000.0, requires_grad=True)
+    target = 2 * output.detach()  # errors 0, 1, …, 999: the top 1 % are 989…999
+    loss = hard_mse(target, output, 0.99)
+    assert loss.item() == pytest.approx((torch.arange(989.0, 1000.0) ** 2).mean().item())
+    loss.backward()
+    assert (
+        output.grad is not None and (output.grad[:989] == 0).all() and (output.grad[989:] < 0).all()
+    )
 
 
 def test_model_with_patch_bank_exports_and_matches_torch(tmp_path: Path) -> None:
