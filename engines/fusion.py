@@ -19,6 +19,7 @@ verdict is reproducible from the bundle.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,26 @@ class Calibration:
             raise BundleError(
                 f"calibration values must be finite with σ > 0: μ={self.mu} σ={self.sigma}"
             )
+
+    def thin_evidence(self, enough_above: int = 3) -> str | None:
+        """Why the threshold may not hold the target on the line, or None when it should.
+
+        The threshold is the (1 − target) quantile of ``n_images`` good scores; with fewer than
+        ``enough_above`` of them above it (e.g. under 300 goods for a 1 % target), the line's
+        false-reject rate can land well off the target, and an operator should hear it at
+        calibration time, not from the line.
+        """
+        if not self.target_frr or not self.n_images:
+            return None
+        above = self.n_images * self.target_frr
+        if above >= enough_above:
+            return None
+        return (
+            f"the threshold rests on {self.n_images} validation goods: at a "
+            f"{self.target_frr:.1%} target only {above:.1f} of them score above it, so the "
+            f"false-reject rate on the line is known only roughly; about "
+            f"{math.ceil(enough_above / self.target_frr)} validation goods would pin it down"
+        )
 
     @classmethod
     def neutral(

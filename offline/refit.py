@@ -100,6 +100,8 @@ def refit_bundle(
         combine=fusion or previous.combine,
         bank_loo=info["loo"],
     )
+    if warning := calibration.thin_evidence():
+        log(f"warning: {warning}")
     extra = dict(source.manifest.get("extra", {}))
     extra.update(refit_from=source.version, n_train=len(train_images), n_validation=len(val_images))
     return save_bundle(model, out, calibration, overwrite=True, extra=extra)

@@ -368,6 +368,8 @@ def train_bundle(
     bundle = save_bundle(model, out, calibration, overwrite=True, extra=extra)
     finish("calibration", time.perf_counter() - t0)
     note(f"bundle {bundle.path} (model {bundle.version}), threshold {calibration.threshold:.3f}")
+    if warning := calibration.thin_evidence():
+        note(f"warning: {warning}")
     return bundle
 
 

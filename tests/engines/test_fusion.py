@@ -37,3 +37,17 @@ def test_bad_calibration_values_are_refused() -> None:
         Calibration.from_json({"branches": {"a": {}}})
     with pytest.raises(ValueError, match="N≥2"):
         fit_calibration(("a",), np.zeros((1, 1)))
+
+
+def test_a_threshold_on_too_few_goods_says_so() -> None:
+    rng = np.random.default_rng(0)
+    few = fit_calibration(("a",), rng.normal(0, 1, (100, 1)), target_frr=0.01)
+    warning = few.thin_evidence()
+    assert warning is not None and "100 validation goods" in warning and "300" in warning
+    assert (
+        fit_calibration(("a",), rng.normal(0, 1, (300, 1)), target_frr=0.01).thin_evidence() is None
+    )
+    assert (
+        fit_calibration(("a",), rng.normal(0, 1, (100, 1)), target_frr=0.05).thin_evidence() is None
+    )
+    assert Calibration.neutral(("a",)).thin_evidence() is None  # no target: nothing claimed
