@@ -85,8 +85,11 @@ class TeacherHead(nn.Module):
         ]
         return self.proj(self.pool(torch.cat(maps, dim=1)))
 
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
     def forward(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return (self.raw(features) - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return self.normalise(self.raw(features))
 
 
 def _pdn_medium_trunk() -> nn.Sequential:

@@ -11,8 +11,9 @@ Per step, on a batch of good images (colour-jittered half of the time):
 One backbone pass and one student pass per step serve all three losses (EfficientAD runs a
 second student pass on a separately augmented image); on a CPU that halves the step time.
 The backbone is frozen, so for the steps that see images unjittered the teacher's targets are
-read from a cache filled once (``teacher_targets``) instead of recomputed: the same numbers
-without the backbone pass (~200 ms of a ~900 ms step at 256 px on 2 CPU cores, timed alone).
+read from a cache that ``fit_teacher_normalisation`` fills on its pass instead of recomputed:
+the same numbers without the backbone pass (~200 ms of a ~900 ms step at 256 px on 2 CPU
+cores, timed alone).
 """
 
 from __future__ import annotations
@@ -60,13 +61,26 @@ def batched(images: np.ndarray, device: str = "cpu", batch: int = 16) -> list[to
 
 
 @torch.no_grad()
-def fit_teacher_normalisation(model: CSADModel, images: np.ndarray, device: str = "cpu") -> None:
-    """Per-channel mean and std of the projected teacher features over the training images."""
+def fit_teacher_normalisation(
+    model: CSADModel, images: np.ndarray, device: str = "cpu", keep_bytes: int = 0
+) -> torch.Tensor | None:
+    """Per-channel mean and std of the projected teacher features over the training images.
+
+    Returns the normalised teacher output of every image (the targets ``train_lgst`` reuses on
+    its unjittered steps) when it fits in ``keep_bytes``, so the backbone runs over the training
+    set once for both; None otherwise.
+    """
+    teacher = model.lgst.teacher
+    feat = teacher.feat_size
+    keep = len(images) * teacher.proj.out_channels * feat * feat * 4 <= keep_bytes
+    kept: list[torch.Tensor] = []
     total = sq = None
     count = 0
     for chunk in batched(images, device):
-        f = model.backbone(model.preprocess(chunk))
-        t = model.lgst.teacher.raw(f).to(torch.float64)
+        raw = teacher.raw(model.backbone(model.preprocess(chunk)))
+        if keep:
+            kept.append(raw)
+        t = raw.to(torch.float64)
         s, s2 = t.sum(dim=(0, 2, 3)), t.pow(2).sum(dim=(0, 2, 3))
         total = s if total is None else total + s
         sq = s2 if sq is None else sq + s2
@@ -74,24 +88,11 @@ def fit_teacher_normalisation(model: CSADModel, images: np.ndarray, device: str 
     assert total is not None and sq is not None
     mean = total / count
     std = (sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
-    model.lgst.teacher.mean.copy_(mean.float())
-    model.lgst.teacher.std.copy_(std.float().clamp_min(1e-6))
-
-
-@torch.no_grad()
-def teacher_targets(
-    model: CSADModel, images: np.ndarray, budget: int, device: str = "cpu"
-) -> torch.Tensor | None:
-    """The normalised teacher output for every training image, or None if it exceeds ``budget``
-    bytes. Needs the teacher's normalisation fitted first."""
-    teacher = model.lgst.teacher
-    feat = teacher.feat_size
-    need = len(images) * teacher.proj.out_channels * feat * feat * 4
-    if need > budget:
+    teacher.mean.copy_(mean.float())
+    teacher.std.copy_(std.float().clamp_min(1e-6))
+    if not keep:
         return None
-    return torch.cat(
-        [teacher(model.backbone(model.preprocess(chunk))) for chunk in batched(images, device)]
-    )
+    return torch.cat([teacher.normalise(raw) for raw in kept])
 
 
 def hard_mse(target: torch.Tensor, output: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -137,9 +138,10 @@ def train_lgst(
     config: LGSTTrainConfig = LGSTTrainConfig(),
     on_step: Callable[[int, dict[str, float]], object] | None = None,
     device: str = "cpu",
-    cache_bytes: int = TEACHER_CACHE_BYTES,
+    targets: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Fit the local student and autoencoder on good ``images`` (uint8 ``[N, S, S, 3]``)."""
+    """Fit the local student and autoencoder on good ``images`` (uint8 ``[N, S, S, 3]``);
+    ``targets``, from ``fit_teacher_normalisation``, stand in for the teacher when unjittered."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -154,7 +156,6 @@ def train_lgst(
         step_size = max(int(0.95 * config.steps), 1)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
     penalty = penalty_source(config, model.config.input_size)
-    cached = teacher_targets(model, images, cache_bytes, device)
     student.train()
     autoencoder.train()
     last: dict[str, float] = {}
@@ -165,8 +166,8 @@ def train_lgst(
         if jittered:
             batch = color_jitter(batch, generator)
         x = model.preprocess(batch.to(device))
-        if cached is not None and not jittered:
-            teacher = cached[torch.from_numpy(picked).to(cached.device)]
+        if targets is not None and not jittered:
+            teacher = targets[torch.from_numpy(picked).to(targets.device)]
         else:
             with torch.no_grad():
                 teacher = lgst.teacher(model.backbone(x))

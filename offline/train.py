@@ -31,7 +31,12 @@ from engines.model import CSADModel, ModelConfig
 from offline.banks import BANK_BRANCHES, fit_banks
 from offline.calibrate import calibrate
 from offline.datasets import Dataset, load_image, open_dataset
-from offline.lgst_train import LGSTTrainConfig, fit_teacher_normalisation, train_lgst
+from offline.lgst_train import (
+    TEACHER_CACHE_BYTES,
+    LGSTTrainConfig,
+    fit_teacher_normalisation,
+    train_lgst,
+)
 from offline.pseudo_labels import MaskGenerator, PseudoLabelConfig, generate_pseudo_labels
 from offline.seg_train import SegTrainConfig, train_segmentation
 
@@ -319,11 +324,15 @@ def train_bundle(
 
     # --- 3. LGST ------------------------------------------------------------------------------
     def fit_lgst() -> dict:
-        fit_teacher_normalisation(model, train_images, device=device)
+        targets = fit_teacher_normalisation(
+            model, train_images, device=device, keep_bytes=TEACHER_CACHE_BYTES
+        )
         return with_bar(
             preset.lgst.steps,
             "lgst",
-            lambda cb: train_lgst(model, train_images, preset.lgst, device=device, on_step=cb),
+            lambda cb: train_lgst(
+                model, train_images, preset.lgst, device=device, on_step=cb, targets=targets
+            ),
         )
 
     stage("lgst", "stage 3/5: LGST", model.lgst, fit_lgst)

@@ -20,7 +20,6 @@ from offline.lgst_train import (
     LGSTTrainConfig,
     fit_teacher_normalisation,
     hard_mse,
-    teacher_targets,
     train_lgst,
 )
 from offline.pseudo_labels import PseudoLabelConfig
@@ -359,11 +358,9 @@ def test_cached_teacher_targets_train_the_same_networks() -> None:
     for cache_bytes in (TEACHER_CACHE_BYTES, 0):
         torch.manual_seed(0)  # the student's and autoencoder's initial weights
         model = CSADModel(ModelConfig(input_size=64), backbone_weights="imagenet").eval()
-        fit_teacher_normalisation(model, images)
-        if cache_bytes:
-            assert teacher_targets(model, images, cache_bytes) is not None
-        assert teacher_targets(model, images, 0) is None
-        train_lgst(model, images, config, cache_bytes=cache_bytes)
+        targets = fit_teacher_normalisation(model, images, keep_bytes=cache_bytes)
+        assert (targets is not None) == bool(cache_bytes)
+        train_lgst(model, images, config, targets=targets)
         trained.append(model.lgst.state_dict())
     cached, recomputed = trained
     for name, value in cached.items():
