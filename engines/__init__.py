@@ -4,6 +4,6 @@
 without pulling in any training code.
 """
 
-from engines.errors import LineguardError
+from lineguard.engines.errors import LineguardError
 
 __all__ = ["LineguardError"]

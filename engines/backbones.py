@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engines.efficientnet_lite import EfficientNetLite0, map_lukemelas_state_dict
-from engines.errors import ConfigError, WeightsError
-from engines.weights import download_checkpoint, read_checkpoint
-from engines.wide_resnet import WideResNet50Features, select_torchvision_keys
+from lineguard.engines.efficientnet_lite import EfficientNetLite0, map_lukemelas_state_dict
+from lineguard.engines.errors import ConfigError, WeightsError
+from lineguard.engines.weights import download_checkpoint, read_checkpoint
+from lineguard.engines.wide_resnet import WideResNet50Features, select_torchvision_keys
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engines.histogram import class_histograms
-from engines.knn import nearest_sq
+from lineguard.engines.histogram import class_histograms
+from lineguard.engines.knn import nearest_sq
 
 STD_FLOOR = 1e-3  # a dimension constant over the good images must not divide by ~0
 FOREGROUND_TOP = 0.02  # paper 002: mean of the top 2 % patch dissimilarities

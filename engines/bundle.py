@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from engines.backbones import backbone_spec
-from engines.errors import BundleError, ConfigError
-from engines.fusion import Calibration
-from engines.model import CSADModel, ModelConfig
+from lineguard.engines.backbones import backbone_spec
+from lineguard.engines.errors import BundleError, ConfigError
+from lineguard.engines.fusion import Calibration
+from lineguard.engines.model import CSADModel, ModelConfig
 
 SCHEMA_VERSION = 1
 READS_SCHEMAS = (1,)
@@ -169,7 +169,7 @@ def save_bundle(
         save_file(state, str(staging / WEIGHTS))
         (staging / CALIBRATION).write_text(json.dumps(calibration.to_json(), indent=2))
         if export_onnx:
-            from engines.export import export_onnx as _export
+            from lineguard.engines.export import export_onnx as _export
 
             _export(model, staging / ONNX, opset=opset)
         files = {

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engines.errors import WeightsError
+from lineguard.engines.errors import WeightsError
 
 # (expand ratio, kernel, stride, out channels, repeats) per stage, as in the EfficientNet paper.
 LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (

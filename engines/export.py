@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from engines.errors import ConfigError
-from engines.model import CSADModel, Outputs
+from lineguard.engines.errors import ConfigError
+from lineguard.engines.model import CSADModel, Outputs
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = tuple(Outputs._fields[:3])  # every graph has these

@@ -5,7 +5,7 @@ each is normalised with statistics of good validation images: CSAD's ``z_k = (s_
 with μ, σ the 20–80 % trimmed mean and std, or PSAD's adaptive scaling
 ``s_k / max(leave-one-out scores)`` (``method="loo_max"``: μ_k = 0, σ_k = that maximum; for
 the memory banks the leave-one-out scores are PSAD's, from the training images, see
-``offline.calibrate``).
+``lineguard.offline.calibrate``).
 
 The normalised scores are then combined: CSAD sums them (``combine="sum"``); lineguard's default
 takes the largest (``combine="max"``), i.e. a part fails when any one detector is sure. With a
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from engines.errors import BundleError
-from engines.histogram import trimmed_stats
+from lineguard.engines.errors import BundleError
+from lineguard.engines.histogram import trimmed_stats
 
 METHODS = ("trimmed_z", "loo_max")
 COMBINES = ("max", "sum")

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engines.backbones import backbone_spec, create_backbone
-from engines.banks import FewShotBank, ImageBank, class_shares, composition
-from engines.errors import ConfigError, InputError
-from engines.histogram import PatchHistogram
-from engines.knn import PatchBank, patch_descriptors
-from engines.lgst import LGST, PROFILES
-from engines.segmentation import SegmentationHead
+from lineguard.engines.backbones import backbone_spec, create_backbone
+from lineguard.engines.banks import FewShotBank, ImageBank, class_shares, composition
+from lineguard.engines.errors import ConfigError, InputError
+from lineguard.engines.histogram import PatchHistogram
+from lineguard.engines.knn import PatchBank, patch_descriptors
+from lineguard.engines.lgst import LGST, PROFILES
+from lineguard.engines.segmentation import SegmentationHead
 
 CSAD_BRANCHES: tuple[str, ...] = ("patch_hist", "lgst")
 PATCH_SEARCHES = ("graph", "faiss-flat", "faiss-ivf", "faiss-hnsw")
@@ -232,7 +232,7 @@ class CSADModel(nn.Module):
         if self.patch_knn is not None or self.comp_knn is not None:
             desc = patch_descriptors(features[0], features[1], self.config.map_size)
         if self.patch_knn is not None and self.config.patch_search != "graph":
-            # searched after the engine (engines.runtimes.faiss_stage): hand the descriptors out
+            # searched after the engine (lineguard.engines.runtimes.faiss_stage): hand the descriptors out
             # and leave the column at zero for that stage to fill
             assert desc is not None
             patch_features = desc.to(torch.float32).flatten(2).transpose(1, 2).contiguous()

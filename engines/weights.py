@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engines.errors import WeightsError
+from lineguard.engines.errors import WeightsError
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

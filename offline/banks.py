@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.banks import class_shares, composition, fewshot_descriptors
-from engines.knn import patch_descriptors
-from engines.model import CSADModel
-from offline.lgst_train import batched
+from lineguard.engines.banks import class_shares, composition, fewshot_descriptors
+from lineguard.engines.knn import patch_descriptors
+from lineguard.engines.model import CSADModel
+from lineguard.offline.lgst_train import batched
 
 BANK_BRANCHES = ("patch_knn", "hist_knn", "comp_knn", "fewshot_knn")
 

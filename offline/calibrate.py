@@ -23,19 +23,19 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from engines.fusion import Calibration, fit_calibration
-from engines.histogram import class_histograms, fit_gaussian, trimmed_stats
-from engines.knn import MAP_SCALE
-from engines.model import CSADModel
-from offline.banks import calibrate_bank_quantiles
-from offline.lgst_train import calibrate_map_quantiles
-from offline.seg_train import predict_labels
+from lineguard.engines.fusion import Calibration, fit_calibration
+from lineguard.engines.histogram import class_histograms, fit_gaussian, trimmed_stats
+from lineguard.engines.knn import MAP_SCALE
+from lineguard.engines.model import CSADModel
+from lineguard.offline.banks import calibrate_bank_quantiles
+from lineguard.offline.lgst_train import calibrate_map_quantiles
+from lineguard.offline.seg_train import predict_labels
 
 
 @torch.no_grad()
 def raw_scores(model: CSADModel, images: np.ndarray, batch: int = 16) -> np.ndarray:
     """Raw branch scores ``[N, K]`` of the fused model (what the infer worker publishes)."""
-    from engines.runtimes.faiss_stage import FaissStage
+    from lineguard.engines.runtimes.faiss_stage import FaissStage
 
     model.eval()
     stage = FaissStage.for_model(model)  # a bank searched after the engine: the same here
@@ -52,7 +52,7 @@ def leave_one_out_max(
     """Per-branch ``(max LOO score, offset)`` for PSAD's adaptive scaling ``s / max(LOO)``.
 
     Memory banks (``*_knn``) use PSAD's own formula: each training image scored against the
-    bank without its own entries (``bank_loo``, raw distances from ``offline.banks``). The patch
+    bank without its own entries (``bank_loo``, raw distances from ``lineguard.offline.banks``). The patch
     bank publishes ``a·d + b`` (its map is quantile-normalised), so the offset ``b`` and scale
     ``a`` come along to make the normalised score exactly ``d / max(LOO)``. Branches without a
     bank (the histogram Mahalanobis, LGST), and the 1-shot few-shot branch, have no training

@@ -21,10 +21,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engines.bundle import Bundle, load_bundle
-from engines.errors import LineguardError
-from engines.runtimes import open_runtime
-from offline.datasets import Sample, load_image, load_mask, open_dataset
+from lineguard.engines.bundle import Bundle, load_bundle
+from lineguard.engines.errors import LineguardError
+from lineguard.engines.runtimes import open_runtime
+from lineguard.offline.datasets import Sample, load_image, load_mask, open_dataset
 
 
 class EvaluationError(LineguardError):

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.banks import FewShotBank, fewshot_descriptors
-from engines.errors import ConfigError
-from engines.model import CSADModel, ModelConfig
-from offline.datasets import load_image, open_dataset
-from offline.evaluate import EvaluationError, auroc, f1_max
+from lineguard.engines.banks import FewShotBank, fewshot_descriptors
+from lineguard.engines.errors import ConfigError
+from lineguard.engines.model import CSADModel, ModelConfig
+from lineguard.offline.datasets import load_image, open_dataset
+from lineguard.offline.evaluate import EvaluationError, auroc, f1_max
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ Per step, on a batch of good images (colour-jittered half of the time):
 - local student vs teacher: squared error with hard-feature mining — only the elements above
   the 99.9 % quantile count, so the student spends its capacity where it is still wrong;
 - penalty: the local head's output on out-of-distribution images is pushed towards zero, so
-  the student does not become a general teacher imitator (see ``offline.augment``);
+  the student does not become a general teacher imitator (see ``lineguard.offline.augment``);
 - autoencoder vs teacher, and the student's global head vs the (detached) autoencoder output.
 
 One backbone pass and one student pass per step serve all three losses (EfficientAD runs a
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from engines.model import CSADModel
-from offline.augment import color_jitter, procedural_images
+from lineguard.engines.model import CSADModel
+from lineguard.offline.augment import color_jitter, procedural_images
 
 PENALTY_MODES = ("procedural", "folder", "off")
 # Up to this many bytes of teacher targets are kept for the unjittered steps: 2 GiB holds ~1000
@@ -117,7 +117,7 @@ def penalty_source(config: LGSTTrainConfig, size: int) -> Callable[[int], np.nda
     if config.penalty == "procedural":
         return lambda n: procedural_images(n, size, rng)
     if config.penalty == "folder":
-        from offline.datasets import IMAGE_EXTENSIONS, load_image
+        from lineguard.offline.datasets import IMAGE_EXTENSIONS, load_image
 
         if config.penalty_dir is None:
             raise ValueError("penalty='folder' needs penalty_dir")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from engines.backbones import Backbone
+from lineguard.engines.backbones import Backbone
 
 MIN_AREA_FRACTION = 0.0015
 MAX_AREA_FRACTION = 0.2

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.bundle import Bundle, load_bundle, save_bundle
-from engines.errors import BundleError, ConfigError
-from engines.model import CSADModel, ModelConfig
-from offline.banks import BANK_BRANCHES, fit_banks
-from offline.calibrate import calibrate
-from offline.datasets import load_image, open_dataset
+from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
+from lineguard.engines.errors import BundleError, ConfigError
+from lineguard.engines.model import CSADModel, ModelConfig
+from lineguard.offline.banks import BANK_BRANCHES, fit_banks
+from lineguard.offline.calibrate import calibrate
+from lineguard.offline.datasets import load_image, open_dataset
 
 
 def refit_bundle(

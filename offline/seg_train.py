@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from engines.model import CSADModel
-from offline.augment import color_jitter
+from lineguard.engines.model import CSADModel
+from lineguard.offline.augment import color_jitter
 
 
 @dataclass(frozen=True)

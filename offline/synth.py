@@ -27,7 +27,7 @@ from typing import Protocol, TypeVar
 import cv2
 import numpy as np
 
-from engines.errors import ConfigError
+from lineguard.engines.errors import ConfigError
 
 RGB = tuple[int, int, int]
 T = TypeVar("T")

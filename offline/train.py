@@ -25,20 +25,20 @@ from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
-from engines.bundle import Bundle, load_bundle, save_bundle
-from engines.errors import ConfigError, LineguardError
-from engines.model import CSADModel, ModelConfig
-from offline.banks import BANK_BRANCHES, fit_banks
-from offline.calibrate import calibrate
-from offline.datasets import Dataset, load_image, open_dataset
-from offline.lgst_train import (
+from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.engines.model import CSADModel, ModelConfig
+from lineguard.offline.banks import BANK_BRANCHES, fit_banks
+from lineguard.offline.calibrate import calibrate
+from lineguard.offline.datasets import Dataset, load_image, open_dataset
+from lineguard.offline.lgst_train import (
     TEACHER_CACHE_BYTES,
     LGSTTrainConfig,
     fit_teacher_normalisation,
     train_lgst,
 )
-from offline.pseudo_labels import MaskGenerator, PseudoLabelConfig, generate_pseudo_labels
-from offline.seg_train import SegTrainConfig, train_segmentation
+from lineguard.offline.pseudo_labels import MaskGenerator, PseudoLabelConfig, generate_pseudo_labels
+from lineguard.offline.seg_train import SegTrainConfig, train_segmentation
 
 STAGES = ("pseudo_labels", "segmentation", "lgst", "banks", "calibration")
 STATE = "state.json"
@@ -241,7 +241,7 @@ def train_bundle(
             stats: dict[str, float] = {"labelled_fraction": float(labelled.mean())}
         else:
             note("stage 1/5: pseudo-labels")
-            from engines.backbones import create_backbone
+            from lineguard.engines.backbones import create_backbone
 
             pl = generate_pseudo_labels(
                 create_backbone(backbone),

@@ -31,9 +31,9 @@ import structlog
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
-from engines.errors import ConfigError, LineguardError
-from stream.protocol import ENTRY_FIELD, Message, encode
-from stream.settings import LimitsSettings, RedisSettings, Settings, redacted_url
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.stream.protocol import ENTRY_FIELD, Message, encode
+from lineguard.stream.settings import LimitsSettings, RedisSettings, Settings, redacted_url
 
 StreamName: TypeAlias = Literal["frames", "scores", "events", "dead"]
 STREAMS: Final[tuple[StreamName, ...]] = get_args(StreamName)
@@ -152,7 +152,7 @@ def connect(
     if not target:
         raise ConfigError(
             "no Redis URL configured: set LINEGUARD_REDIS__URL (e.g. redis://127.0.0.1:6379/0) "
-            "or start an embedded server with stream.server.embedded_valkey()"
+            "or start an embedded server with lineguard.stream.server.embedded_valkey()"
         )
     kwargs: dict[str, Any] = {
         "socket_timeout": rs.socket_timeout,

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from engines.errors import LineguardError
+from lineguard.engines.errors import LineguardError
 
 app = typer.Typer(
     name="lineguard",
@@ -106,7 +106,7 @@ def bench_model_cmd(
     ] = None,
 ) -> None:
     """Time the fused model per runtime and batch size (images/s, p50/p99 ms per batch)."""
-    from engines.bench import bench_model, rows_to_json
+    from lineguard.engines.bench.model import bench_model, rows_to_json
 
     graphs = [g == "on" for g in split_list(cuda_graphs)]
     rows = bench_model(
@@ -193,12 +193,14 @@ DashboardOpt = Annotated[
 DashboardPortOpt = Annotated[
     int, typer.Option(help="Port of the --dashboard page on 127.0.0.1 (0 = any free port).")
 ]
-DASHBOARD_PORT = 8470  # the same default as stream.dashboard.DEFAULT_PORT (kept import-free)
+DASHBOARD_PORT = (
+    8470  # the same default as lineguard.stream.dashboard.DEFAULT_PORT (kept import-free)
+)
 
 
 def _start_dashboard(settings: Any, url: str, port: int, **kwargs: Any) -> Any:
     """Serve the dashboard beside a pipeline on loopback and print where to open it."""
-    from stream.dashboard import DashboardServer
+    from lineguard.stream.dashboard import DashboardServer
 
     server = DashboardServer(settings, url=url, port=port, **kwargs).start()
     err_console.print(f"dashboard: [bold]{server.url}[/bold]", highlight=False)
@@ -222,8 +224,8 @@ def _load_settings(overrides: dict[str, Any], *, quiet: bool = False) -> Any:
 
     ``quiet`` commands (demo, benchmarks) log warnings and worse unless --log-level says
     otherwise, so their own output stays readable."""
-    from stream.logs import configure_logging
-    from stream.settings import Settings
+    from lineguard.stream.logs import configure_logging
+    from lineguard.stream.settings import Settings
 
     if overrides.get("infer.max_batch") is not None and "infer.batch_buckets" not in overrides:
         overrides["infer.batch_buckets"] = _buckets_for(overrides["infer.max_batch"])
@@ -237,8 +239,8 @@ def _load_settings(overrides: dict[str, Any], *, quiet: bool = False) -> Any:
 
 def _external_client(settings: Any, what: str) -> Any:
     """A connected client for commands that join an existing pipeline (no embedded server)."""
-    from engines.errors import ConfigError
-    from stream.bus import connect, wait_for_server
+    from lineguard.engines.errors import ConfigError
+    from lineguard.stream.bus import connect, wait_for_server
 
     if not settings.redis.url:
         raise ConfigError(
@@ -281,7 +283,7 @@ def _write_json(path: Path | None, data: Any) -> None:
 
 
 def _print_event(ev: Any) -> None:
-    from stream.events import event_line
+    from lineguard.stream.events import event_line
 
     console.print(event_line(ev), highlight=False, soft_wrap=True)
 
@@ -330,9 +332,9 @@ def run_cmd(
     every frame has its event, or on Ctrl-C/SIGTERM after draining what was sent.
     --dashboard also turns on --maps, so the page can show each reject's anomaly map.
     """
-    from stream.replay import parse_rate
-    from stream.run import run_line
-    from stream.settings import redacted_url
+    from lineguard.stream.replay import parse_rate
+    from lineguard.stream.run import run_line
+    from lineguard.stream.settings import redacted_url
 
     if show not in ("none", "rejects", "all"):
         raise typer.BadParameter("--show must be none, rejects or all")
@@ -408,12 +410,12 @@ def ingest(
     metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Capture frames from SOURCE and append them to the frames stream (one camera)."""
-    from stream.bus import Bus
-    from stream.ingest import IngestStage, bundle_input_size
-    from stream.metrics import serve_metrics
-    from stream.replay import parse_rate
-    from stream.sources import open_source
-    from stream.worker import StopFlag, run_worker
+    from lineguard.stream.bus import Bus
+    from lineguard.stream.ingest import IngestStage, bundle_input_size
+    from lineguard.stream.metrics import serve_metrics
+    from lineguard.stream.replay import parse_rate
+    from lineguard.stream.sources import open_source
+    from lineguard.stream.worker import StopFlag, run_worker
 
     settings = _load_settings(
         {
@@ -470,10 +472,10 @@ def infer(
     metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Score frames in dynamic batches (consumer group 'infer'); hot-reloads the bundle."""
-    from stream.bus import Bus
-    from stream.infer import InferStage
-    from stream.metrics import serve_metrics
-    from stream.worker import run_worker
+    from lineguard.stream.bus import Bus
+    from lineguard.stream.infer import InferStage
+    from lineguard.stream.metrics import serve_metrics
+    from lineguard.stream.worker import run_worker
 
     settings = _load_settings(
         {
@@ -519,10 +521,10 @@ def decide(
     metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Turn scores into pass/fail/error/uninspected events (consumer group 'decide')."""
-    from stream.bus import Bus
-    from stream.decide import DecideStage
-    from stream.metrics import serve_metrics
-    from stream.worker import run_worker
+    from lineguard.stream.bus import Bus
+    from lineguard.stream.decide import DecideStage
+    from lineguard.stream.metrics import serve_metrics
+    from lineguard.stream.worker import run_worker
 
     settings = _load_settings({"line.id": line, "metrics.port": metrics_port})
     client = _external_client(settings, "decide")
@@ -558,8 +560,8 @@ def replay(
     json_path: JsonOpt = None,
 ) -> None:
     """Send SOURCE into the running pipeline, then exit once every frame has its event."""
-    from stream.replay import parse_rate
-    from stream.replay import replay as do_replay
+    from lineguard.stream.replay import parse_rate
+    from lineguard.stream.replay import replay as do_replay
 
     settings = _load_settings({"line.id": line, "line.camera": camera, "ingest.encoding": encoding})
 
@@ -601,9 +603,9 @@ def events(
     camera: Annotated[str | None, typer.Option(help="Only this camera.")] = None,
 ) -> None:
     """Print verdicts: the last N, then (with --follow) each new one as it arrives."""
-    from stream.bus import Bus
-    from stream.events import event_json, follow_events, last_events
-    from stream.worker import StopFlag, signals_stop
+    from lineguard.stream.bus import Bus
+    from lineguard.stream.events import event_json, follow_events, last_events
+    from lineguard.stream.worker import StopFlag, signals_stop
 
     settings = _load_settings({"line.id": line})
     client = _external_client(settings, "events")
@@ -640,8 +642,8 @@ def health(
     line: LineOpt = None,
 ) -> None:
     """Exit 0 if every named stage has a live worker heartbeat, else 1 (for probes)."""
-    from stream.bus import Bus
-    from stream.worker import health_report
+    from lineguard.stream.bus import Bus
+    from lineguard.stream.worker import health_report
 
     settings = _load_settings({"line.id": line})
     client = _external_client(settings, "health")
@@ -751,8 +753,8 @@ def dashboard(
 
     Reads the bus only (no consumer group), so the page never slows the line down.
     """
-    from stream.dashboard import DashboardConfig, DashboardServer, check_binding
-    from stream.worker import StopFlag, signals_stop
+    from lineguard.stream.dashboard import DashboardConfig, DashboardServer, check_binding
+    from lineguard.stream.worker import StopFlag, signals_stop
 
     check_binding(host, token)
     if window <= 0:
@@ -805,14 +807,14 @@ def demo(
     import sys
     from contextlib import ExitStack
 
-    from stream.demo import DEMO_LINE, default_demo_dir, run_demo
-    from stream.replay import parse_rate
+    from lineguard.stream.demo import DEMO_LINE, default_demo_dir, run_demo
+    from lineguard.stream.replay import parse_rate
 
     settings = _load_settings({}, quiet=True)
     with ExitStack() as stack:
         page = None
         if dashboard:
-            from stream.server import redis_url_for
+            from lineguard.stream.server import redis_url_for
 
             # The demo gives each run on a given server its own key prefix; start the server
             # here so the page can follow the newest 'lineguard-demo-*' prefix on it.
@@ -832,7 +834,7 @@ def demo(
             console=console,
         )
         if page is not None and sys.stdin.isatty():
-            from stream.worker import StopFlag, signals_stop
+            from lineguard.stream.worker import StopFlag, signals_stop
 
             err_console.print(f"the dashboard stays up at {page.url}; Ctrl-C to stop")
             stop = StopFlag()
@@ -861,7 +863,7 @@ def bench_knn_cmd(
     ] = None,
 ) -> None:
     """Patch-bank search: in-graph matrix product vs faiss, per bank size, and the crossover."""
-    from engines.knn_search import bench_knn, crossover, rows_to_json
+    from lineguard.engines.bench.knn import bench_knn, crossover, rows_to_json
 
     rows = bench_knn(
         split_list(sizes, int),
@@ -919,8 +921,8 @@ def bench_e2e_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Throughput and capture→event latency through Redis, with a per-stage breakdown."""
-    from stream.bench_e2e import bench_e2e, result_table
-    from stream.replay import parse_rate
+    from lineguard.stream.bench_e2e import bench_e2e, result_table
+    from lineguard.stream.replay import parse_rate
 
     settings = _load_settings(
         {
@@ -966,7 +968,7 @@ def bench_soak_cmd(
 ) -> None:
     """The whole line as processes at a fixed rate: memory, queues, p99 and verdict accounting
     once a minute; exit 1 if memory grows without bound or the counts do not add up."""
-    from stream.soak import soak
+    from lineguard.stream.soak import soak
 
     settings = _load_settings({}, quiet=True)
     result = soak(
@@ -1019,7 +1021,7 @@ def synth(
     structural: Annotated[int, typer.Option(help="Test images with a structural anomaly.")] = 100,
 ) -> None:
     """Write a synthetic product line (good parts, logical and structural anomalies, masks)."""
-    from offline.synth import make_line
+    from lineguard.offline.synth import make_line
 
     summary = make_line(
         out_dir,
@@ -1090,8 +1092,8 @@ def train(
     restart: Annotated[bool, typer.Option(help="Discard finished stages and start over.")] = False,
 ) -> None:
     """Pseudo-labels → segmentation → LGST → memory banks → calibration → bundle (resumable)."""
-    from engines.allocator import keep_freed_memory
-    from offline.train import train_bundle
+    from lineguard.engines.allocator import keep_freed_memory
+    from lineguard.offline.train import train_bundle
 
     keep_freed_memory()  # this process is the job: keep its freed tensors for the next step
 
@@ -1131,7 +1133,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Image AUROC (overall, per anomaly type, per branch), F1-max, operating point, report."""
-    from offline.evaluate import evaluate_bundle
+    from lineguard.offline.evaluate import evaluate_bundle
 
     result = evaluate_bundle(bundle_dir, data_dir, runtime=runtime, out_dir=out_dir)
     m = result.metrics
@@ -1189,8 +1191,8 @@ def refit(
     target_frr: Annotated[float | None, typer.Option(help="Threshold's false-reject rate.")] = None,
 ) -> None:
     """Refill the memory banks and recalibrate a trained bundle, without retraining (minutes)."""
-    from engines.allocator import keep_freed_memory
-    from offline.refit import refit_bundle
+    from lineguard.engines.allocator import keep_freed_memory
+    from lineguard.offline.refit import refit_bundle
 
     keep_freed_memory()  # this process is the job: keep its freed tensors for the next step
 
@@ -1227,8 +1229,8 @@ def fewshot_curve_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write it here.")] = None,
 ) -> None:
     """AUROC of the training-free few-shot branch from k good images (no training at all)."""
-    from engines.errors import ConfigError
-    from offline.fewshot import fewshot_curve
+    from lineguard.engines.errors import ConfigError
+    from lineguard.offline.fewshot import fewshot_curve
 
     try:
         ks = [int(v) for v in shots.split(",") if v.strip()]
@@ -1263,7 +1265,7 @@ def bundle_info(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")],
 ) -> None:
     """Verify a bundle (schema, files, hashes) and show what it contains."""
-    from engines.bundle import load_bundle
+    from lineguard.engines.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     cal = bundle.calibration

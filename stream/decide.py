@@ -57,13 +57,13 @@ import numpy as np
 import redis
 import structlog
 
-from engines.bundle import load_bundle
-from engines.errors import LineguardError
-from engines.fusion import Calibration
-from stream.bus import Bus, Entry, consumer_name
-from stream.logs import frame_context
-from stream.metrics import get_metrics, observe_queue
-from stream.protocol import (
+from lineguard.engines.bundle import load_bundle
+from lineguard.engines.errors import LineguardError
+from lineguard.engines.fusion import Calibration
+from lineguard.stream.bus import Bus, Entry, consumer_name
+from lineguard.stream.logs import frame_context
+from lineguard.stream.metrics import get_metrics, observe_queue
+from lineguard.stream.protocol import (
     ENTRY_FIELD,
     Event,
     ProtocolError,
@@ -72,8 +72,8 @@ from stream.protocol import (
     decode_scores,
     encode,
 )
-from stream.settings import Settings
-from stream.worker import BundleWatcher, Reclaimer, line_key
+from lineguard.stream.settings import Settings
+from lineguard.stream.worker import BundleWatcher, Reclaimer, line_key
 
 log = structlog.get_logger("lineguard.decide")
 
@@ -179,7 +179,7 @@ class _Pending:
 
 
 def latency_of(scores: Scores, t_read: float, t_event: float) -> dict[str, float]:
-    """Per-stage seconds of one frame (see ``stream.metrics``); clocks of different hosts
+    """Per-stage seconds of one frame (see ``lineguard.stream.metrics``); clocks of different hosts
     meet here, so small negative differences are clipped to 0."""
     t = scores.timings
     out: dict[str, float] = {}

@@ -1,8 +1,8 @@
 """``lineguard demo``: the whole product on a fresh machine, in a few minutes, on a CPU.
 
-1. makes a synthetic product line in the MVTec LOCO layout (``offline.synth.make_line``), or
+1. makes a synthetic product line in the MVTec LOCO layout (``lineguard.offline.synth.make_line``), or
    reuses the cached one;
-2. trains a small bundle with ``offline.train.train_bundle(preset="demo")``, or reuses the
+2. trains a small bundle with ``lineguard.offline.train.train_bundle(preset="demo")``, or reuses the
    cached one (``--fresh`` redoes both);
 3. starts an embedded Valkey (unless ``LINEGUARD_REDIS__URL`` is set), the infer and decide
    workers, and streams the line's test images through them with a live dashboard: frames/s,
@@ -38,17 +38,17 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from engines.errors import LineguardError
-from stream.bus import Bus, connect
-from stream.events import VERDICT_STYLE
-from stream.harness import delete_prefix, run_prefix, scores_by_seq
-from stream.ingest import bundle_input_size
-from stream.protocol import Event, LowResMap
-from stream.replay import EventCollector, events_cursor, send_source
-from stream.run import LocalPipeline, Mode
-from stream.server import redis_url_for
-from stream.settings import Settings
-from stream.sources import ArraySource, read_image
+from lineguard.engines.errors import LineguardError
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.events import VERDICT_STYLE
+from lineguard.stream.harness import delete_prefix, run_prefix, scores_by_seq
+from lineguard.stream.ingest import bundle_input_size
+from lineguard.stream.protocol import Event, LowResMap
+from lineguard.stream.replay import EventCollector, events_cursor, send_source
+from lineguard.stream.run import LocalPipeline, Mode
+from lineguard.stream.server import redis_url_for
+from lineguard.stream.settings import Settings
+from lineguard.stream.sources import ArraySource, read_image
 
 Trainer = Callable[[Path, Path], Any]
 
@@ -77,16 +77,16 @@ def default_demo_dir() -> Path:
 
 
 def offline_trainer() -> Trainer:
-    """The real trainer, ``offline.train.train_bundle`` with the demo preset.
+    """The real trainer, ``lineguard.offline.train.train_bundle`` with the demo preset.
 
     Imported here, when the demo starts, so that a missing training package is reported
     before minutes are spent making the line.
     """
     try:
-        from offline.train import train_bundle
+        from lineguard.offline.train import train_bundle
     except ImportError as exc:
         raise LineguardError(
-            f"the demo needs offline.train.train_bundle, which this installation lacks ({exc}); "
+            f"the demo needs lineguard.offline.train.train_bundle, which this installation lacks ({exc}); "
             "reinstall lineguard with its offline package"
         ) from None
 
@@ -124,7 +124,7 @@ def ensure_line(
             and meta.get("counts") == wanted
         ):
             return directory
-    from offline.synth import make_line
+    from lineguard.offline.synth import make_line
 
     make_line(
         directory,
@@ -141,7 +141,7 @@ def ensure_line(
 
 def ensure_bundle(line_dir: Path, bundle_dir: Path, trainer: Trainer, *, fresh: bool) -> Path:
     """The cached bundle if it loads and is newer than the line, else a freshly trained one."""
-    from engines.bundle import load_bundle
+    from lineguard.engines.bundle import load_bundle
 
     manifest = bundle_dir / "manifest.json"
     line_meta = line_dir / "meta.json"

@@ -14,9 +14,9 @@ from typing import Any
 
 from rich.text import Text
 
-from stream.bus import Bus
-from stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
-from stream.worker import StopFlag
+from lineguard.stream.bus import Bus
+from lineguard.stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
+from lineguard.stream.worker import StopFlag
 
 VERDICT_STYLE = {"pass": "green", "fail": "bold red", "error": "magenta", "uninspected": "yellow"}
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import redis
 
-from stream.bus import Bus
-from stream.protocol import ENTRY_FIELD, ProtocolError, Scores, decode_scores
-from stream.settings import Settings
+from lineguard.stream.bus import Bus
+from lineguard.stream.protocol import ENTRY_FIELD, ProtocolError, Scores, decode_scores
+from lineguard.stream.settings import Settings
 
 
 def with_sections(settings: Settings, **sections: dict[str, Any]) -> Settings:
@@ -45,7 +45,7 @@ def bundle_or_untrained(
     """``bundle``, or an untrained 256-px lite0 bundle built in ``folder`` (speed, not accuracy)."""
     if bundle is not None:
         return Path(bundle)
-    from engines.bench import synthetic_bundle
+    from lineguard.engines.bench.model import synthetic_bundle
 
     say("building an untrained efficientnet_lite0 (lite) bundle at 256 px")
     return synthetic_bundle("efficientnet_lite0", "lite", 256, folder).path

@@ -44,14 +44,14 @@ import cv2
 import numpy as np
 import structlog
 
-from engines.bundle import Bundle, load_bundle
-from engines.errors import BundleError, ConfigError, LineguardError
-from engines.runtimes import Runtime, open_runtime
-from stream.bus import Bus, Entry, consumer_name
-from stream.ingest import resize_to
-from stream.logs import frame_context
-from stream.metrics import get_metrics, observe_queue
-from stream.protocol import (
+from lineguard.engines.bundle import Bundle, load_bundle
+from lineguard.engines.errors import BundleError, ConfigError, LineguardError
+from lineguard.engines.runtimes import Runtime, open_runtime
+from lineguard.stream.bus import Bus, Entry, consumer_name
+from lineguard.stream.ingest import resize_to
+from lineguard.stream.logs import frame_context
+from lineguard.stream.metrics import get_metrics, observe_queue
+from lineguard.stream.protocol import (
     ENTRY_FIELD,
     Frame,
     LowResMap,
@@ -60,8 +60,8 @@ from stream.protocol import (
     decode_frame,
     decode_image,
 )
-from stream.settings import Settings
-from stream.worker import BundleWatcher, Reclaimer
+from lineguard.stream.settings import Settings
+from lineguard.stream.worker import BundleWatcher, Reclaimer
 
 log = structlog.get_logger("lineguard.infer")
 

@@ -29,13 +29,13 @@ import numpy as np
 import redis
 import structlog
 
-from engines.errors import ConfigError, LineguardError
-from stream.bus import Bus
-from stream.metrics import get_metrics
-from stream.protocol import ENTRY_FIELD, Encoding, Frame, encode, make_frame
-from stream.settings import Settings
-from stream.sources import Capture, Recorder, Source
-from stream.worker import StopFlag, line_key
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.stream.bus import Bus
+from lineguard.stream.metrics import get_metrics
+from lineguard.stream.protocol import ENTRY_FIELD, Encoding, Frame, encode, make_frame
+from lineguard.stream.settings import Settings
+from lineguard.stream.sources import Capture, Recorder, Source
+from lineguard.stream.worker import StopFlag, line_key
 
 log = structlog.get_logger("lineguard.ingest")
 

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from stream.settings import LogSettings
+from lineguard.stream.settings import LogSettings
 
 _LEVELS = {
     "debug": logging.DEBUG,

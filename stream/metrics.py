@@ -5,7 +5,7 @@ registry; workers that share a process (``lineguard run`` with threads) share it
 themselves apart with the ``stage`` label. Labels never carry frame ids (unbounded
 cardinality); camera ids would be fine but are left out until someone needs them.
 
-Stage latencies use the names of the end-to-end breakdown (see ``stream.decide``):
+Stage latencies use the names of the end-to-end breakdown (see ``lineguard.stream.decide``):
 ``ingest`` capture→XADD, ``queue`` XADD→infer read, ``infer`` read→scores written,
 ``handoff`` scores written→decide read, ``decide`` read→event written, ``total``
 capture→event.
@@ -26,8 +26,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-from engines.errors import ConfigError
-from stream.bus import Bus, StreamName
+from lineguard.engines.errors import ConfigError
+from lineguard.stream.bus import Bus, StreamName
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0

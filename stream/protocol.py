@@ -20,8 +20,8 @@ import cv2
 import msgpack
 import numpy as np
 
-from engines.errors import InputError
-from stream.settings import NAME_PATTERN, LimitsSettings
+from lineguard.engines.errors import InputError
+from lineguard.stream.settings import NAME_PATTERN, LimitsSettings
 
 SCHEMA_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = frozenset({1})

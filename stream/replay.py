@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from engines.errors import ConfigError
-from stream.bus import Bus, connect, wait_for_server
-from stream.ingest import Ingestor, Pacer, Sent, bundle_input_size
-from stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
-from stream.settings import Settings
-from stream.sources import Recorder, Source, open_source
-from stream.worker import StopFlag
+from lineguard.engines.errors import ConfigError
+from lineguard.stream.bus import Bus, connect, wait_for_server
+from lineguard.stream.ingest import Ingestor, Pacer, Sent, bundle_input_size
+from lineguard.stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
+from lineguard.stream.settings import Settings
+from lineguard.stream.sources import Recorder, Source, open_source
+from lineguard.stream.worker import StopFlag
 
 
 def parse_rate(value: str | float | None) -> float | None:

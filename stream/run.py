@@ -1,7 +1,7 @@
 """All three stages on one box: ``lineguard run``, the demo and the end-to-end benchmark.
 
 ``LocalPipeline`` starts infer and decide workers against one Redis URL (an embedded Valkey
-when ``LINEGUARD_REDIS__URL`` is unset, see ``stream.server.redis_url_for``), either as threads
+when ``LINEGUARD_REDIS__URL`` is unset, see ``lineguard.stream.server.redis_url_for``), either as threads
 of this process (cheap to start; torch and ONNX Runtime release the GIL while they compute) or
 as child processes running ``lineguard infer`` / ``lineguard decide`` (isolation, one metrics
 port each). ``run_line`` then feeds a source through them as the ingest stage.
@@ -26,24 +26,24 @@ from typing import Any, Literal
 
 import structlog
 
-from engines.errors import ConfigError, LineguardError
-from stream.bus import Bus, connect, wait_for_server
-from stream.decide import DecideStage
-from stream.infer import InferStage
-from stream.ingest import bundle_input_size
-from stream.metrics import serve_metrics
-from stream.protocol import Event
-from stream.replay import (
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.stream.bus import Bus, connect, wait_for_server
+from lineguard.stream.decide import DecideStage
+from lineguard.stream.infer import InferStage
+from lineguard.stream.ingest import bundle_input_size
+from lineguard.stream.metrics import serve_metrics
+from lineguard.stream.protocol import Event
+from lineguard.stream.replay import (
     EventCollector,
     RunSummary,
     events_cursor,
     send_source,
     summarise,
 )
-from stream.server import redis_url_for
-from stream.settings import Settings, env_var
-from stream.sources import open_source
-from stream.worker import StopFlag, health_report, run_worker, signals_stop
+from lineguard.stream.server import redis_url_for
+from lineguard.stream.settings import Settings, env_var
+from lineguard.stream.sources import open_source
+from lineguard.stream.worker import StopFlag, health_report, run_worker, signals_stop
 
 log = structlog.get_logger("lineguard.run")
 
@@ -190,7 +190,7 @@ class LocalPipeline:
     def _start_process(self, stage: str, consumer: str, port: int | None) -> None:
         env = dict(os.environ)
         env.update(settings_env(self.settings, self.url))
-        cmd = [sys.executable, "-m", "stream.cli", stage, "--bundle", str(self.bundle)]
+        cmd = [sys.executable, "-m", "lineguard.stream.cli", stage, "--bundle", str(self.bundle)]
         cmd += ["--consumer", consumer]
         if stage == "infer":
             cmd += ["--runtime", self.runtime, "--device", self.device]

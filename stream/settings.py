@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from engines.errors import ConfigError
+from lineguard.engines.errors import ConfigError
 
 ENV_PREFIX = "LINEGUARD_"
 ENV_NESTED_DELIMITER = "__"

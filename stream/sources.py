@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import structlog
 
-from engines.errors import LineguardError
+from lineguard.engines.errors import LineguardError
 
 log = structlog.get_logger("lineguard.sources")
 

@@ -35,8 +35,8 @@ from typing import Any, Protocol
 import redis
 import structlog
 
-from stream.bus import Bus, Entry, StreamName
-from stream.logs import bind_worker
+from lineguard.stream.bus import Bus, Entry, StreamName
+from lineguard.stream.logs import bind_worker
 
 log = structlog.get_logger("lineguard.worker")
 
@@ -311,7 +311,7 @@ class Reclaimer:
         every_s: float,
         counts: dict[str, int],
     ) -> None:
-        from stream.metrics import get_metrics
+        from lineguard.stream.metrics import get_metrics
 
         self.bus, self.stream, self.group, self.consumer = bus, stream, group, consumer
         self.stage, self.min_idle_ms, self.count, self.every_s = stage, min_idle_ms, count, every_s

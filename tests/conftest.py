@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from engines.bundle import Bundle, save_bundle
-from engines.fusion import Calibration
-from engines.model import CSADModel, ModelConfig
+from lineguard.engines.bundle import Bundle, save_bundle
+from lineguard.engines.fusion import Calibration
+from lineguard.engines.model import CSADModel, ModelConfig
 
 TINY = ModelConfig(input_size=64, profile="lite", class_names=("background", "a", "b", "c"))
 

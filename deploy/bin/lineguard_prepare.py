@@ -8,7 +8,7 @@ prepares and workers on the same cache build each engine once (the runtime holds
 while building). With any other runtime it verifies the bundle (schema, hashes) and runs one
 warm-up batch: a broken bundle fails the init step, not the worker.
 
-It calls the infer stage's own ``stream.infer.open_model`` with the same settings, so the
+It calls the infer stage's own ``lineguard.stream.infer.open_model`` with the same settings, so the
 engine key (ONNX hash, TensorRT version, GPU, precision, batch profile) is the one the worker
 computes. ``lineguard`` has no CLI command for this yet; see the README's Deploy section.
 
@@ -46,9 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     # Imported here so --help works without the lineguard packages installed.
-    from engines.errors import LineguardError
-    from stream.infer import open_model, resolve_runtime
-    from stream.settings import Settings
+    from lineguard.engines.errors import LineguardError
+    from lineguard.stream.infer import open_model, resolve_runtime
+    from lineguard.stream.settings import Settings
 
     try:
         settings = Settings.load()

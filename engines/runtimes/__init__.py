@@ -6,7 +6,7 @@
 TensorRT never imports onnxruntime and vice versa.
 """
 
-from engines.runtimes.base import (
+from lineguard.engines.runtimes.base import (
     RUNTIME_KINDS,
     Runtime,
     batch_buckets,

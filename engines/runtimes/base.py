@@ -14,14 +14,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engines.bundle import Bundle, load_bundle
-from engines.errors import ConfigError, InputError
-from engines.model import Outputs
+from lineguard.engines.bundle import Bundle, load_bundle
+from lineguard.engines.errors import ConfigError, InputError
+from lineguard.engines.model import Outputs
 
 RUNTIME_KINDS = {
-    "torch": "engines.runtimes.torch_rt:TorchRuntime",
-    "onnxruntime": "engines.runtimes.onnx_rt:OnnxRuntime",
-    "tensorrt": "engines.runtimes.tensorrt_rt:TensorRTRuntime",
+    "torch": "lineguard.engines.runtimes.torch_rt:TorchRuntime",
+    "onnxruntime": "lineguard.engines.runtimes.onnx_rt:OnnxRuntime",
+    "tensorrt": "lineguard.engines.runtimes.tensorrt_rt:TensorRTRuntime",
 }
 PRECISIONS = ("fp32", "fp16")
 
@@ -66,7 +66,7 @@ def open_runtime(
     cls = getattr(importlib.import_module(module_name), class_name)
     runtime = cls(bundle, device=device, precision=precision, max_batch=max_batch, **options)
     if bundle.config.patch_bank and bundle.config.patch_search != "graph":
-        from engines.runtimes.faiss_stage import FaissSearchRuntime
+        from lineguard.engines.runtimes.faiss_stage import FaissSearchRuntime
 
         return FaissSearchRuntime(runtime, bundle)  # type: ignore[return-value]
     return runtime

@@ -11,16 +11,66 @@ the crossover lies on a given machine is what ``lineguard bench knn`` measures.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from engines.bundle import Bundle
-from engines.errors import BundleError
-from engines.knn import MAP_SCALE
-from engines.knn_search import FaissSearch
-from engines.model import CSADModel, ModelConfig, Outputs
+from lineguard.engines.bundle import Bundle
+from lineguard.engines.errors import BundleError, ConfigError
+from lineguard.engines.knn import MAP_SCALE
+from lineguard.engines.model import CSADModel, ModelConfig, Outputs
+
+KINDS = ("flat", "ivf", "hnsw")
+
+
+class FaissSearch:
+    """A faiss index over a bank ``[M, D]``; ``nearest(q)`` gives Euclidean distances ``[N]``.
+
+    ``flat`` is exact; ``ivf`` (``4·√M`` lists, ``nprobe`` of them searched) and ``hnsw``
+    (32 links, ``ef_search``) are approximate: ``lineguard bench knn`` reports their recall.
+    """
+
+    def __init__(
+        self,
+        bank: np.ndarray,
+        kind: str = "flat",
+        *,
+        nprobe: int = 8,
+        ef_search: int = 64,
+        threads: int | None = None,
+    ):
+        import faiss
+
+        if kind not in KINDS:
+            raise ConfigError(f"unknown faiss index {kind!r}; use one of {KINDS}")
+        x = np.ascontiguousarray(bank, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] < 1:
+            raise ConfigError(f"a bank must be [M ≥ 1, D], got {x.shape}")
+        if threads is not None:
+            faiss.omp_set_num_threads(threads)
+        m, d = x.shape
+        self.kind = kind
+        self.index: Any
+        if kind == "flat":
+            self.index = faiss.IndexFlatL2(d)
+        elif kind == "ivf":
+            nlist = max(1, min(int(4 * math.sqrt(m)), m // 39 or 1))  # ≥ 39 points per list
+            quantizer = faiss.IndexFlatL2(d)
+            self.index = faiss.IndexIVFFlat(quantizer, d, nlist)
+            self.index.train(x)
+            self.index.nprobe = min(nprobe, nlist)
+            self._quantizer = quantizer  # the IVF index does not own it
+        else:
+            self.index = faiss.IndexHNSWFlat(d, 32)
+            self.index.hnsw.efSearch = ef_search
+        self.index.add(x)
+
+    def nearest(self, queries: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        distances, _ = self.index.search(q, 1)
+        return np.sqrt(np.clip(distances[:, 0], 0.0, None))
 
 
 class FaissStage:

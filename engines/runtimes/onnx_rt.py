@@ -10,11 +10,11 @@ import os
 
 import numpy as np
 
-from engines.bundle import Bundle
-from engines.errors import BundleError, ConfigError, RuntimeUnavailableError
-from engines.export import INPUT_NAME, OUTPUT_NAMES
-from engines.model import Outputs
-from engines.runtimes.base import check_images, concat_outputs, split_batches
+from lineguard.engines.bundle import Bundle
+from lineguard.engines.errors import BundleError, ConfigError, RuntimeUnavailableError
+from lineguard.engines.export import INPUT_NAME, OUTPUT_NAMES
+from lineguard.engines.model import Outputs
+from lineguard.engines.runtimes.base import check_images, concat_outputs, split_batches
 
 
 class OnnxRuntime:

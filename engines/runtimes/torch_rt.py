@@ -4,7 +4,7 @@ On a GPU a 256² CSAD forward is a few milliseconds of kernels but hundreds of k
 so at small batches launch overhead dominates. Capturing one CUDA graph per batch bucket and
 replaying it removes that overhead; inputs are copied into the graph's static buffer and the
 outputs copied out, so callers never hold references into graph memory. Histograms and
-Mahalanobis stay fp32 under autocast (see ``engines.histogram``).
+Mahalanobis stay fp32 under autocast (see ``lineguard.engines.histogram``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engines.bundle import Bundle
-from engines.errors import ConfigError, RuntimeUnavailableError
-from engines.model import CSADModel, Outputs
-from engines.runtimes.base import (
+from lineguard.engines.bundle import Bundle
+from lineguard.engines.errors import ConfigError, RuntimeUnavailableError
+from lineguard.engines.model import CSADModel, Outputs
+from lineguard.engines.runtimes.base import (
     batch_buckets,
     bucket_for,
     check_images,

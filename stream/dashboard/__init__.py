@@ -6,8 +6,13 @@ the ASGI app and ``server.py`` runs it under uvicorn; the page itself is plain H
 a hand-written script in ``static/``.
 """
 
-from stream.dashboard.data import DashboardConfig, LineView, discover_prefix
-from stream.dashboard.server import DEFAULT_HOST, DEFAULT_PORT, DashboardServer, check_binding
+from lineguard.stream.dashboard.data import DashboardConfig, LineView, discover_prefix
+from lineguard.stream.dashboard.server import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DashboardServer,
+    check_binding,
+)
 
 __all__ = [
     "DEFAULT_HOST",

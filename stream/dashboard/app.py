@@ -27,9 +27,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stream.dashboard.data import LineView
-from stream.dashboard.images import IMAGE_KINDS
-from stream.settings import NAME_PATTERN
+from lineguard.stream.dashboard.data import LineView
+from lineguard.stream.dashboard.images import IMAGE_KINDS
+from lineguard.stream.settings import NAME_PATTERN
 
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 PUBLIC_PREFIXES: Final = ("/static/", "/healthz")

@@ -33,9 +33,9 @@ import numpy as np
 import redis
 import structlog
 
-from stream.bus import Bus, GroupStats
-from stream.dashboard.images import IMAGE_KINDS, ImageCache, Picture, render_reject
-from stream.protocol import (
+from lineguard.stream.bus import Bus, GroupStats
+from lineguard.stream.dashboard.images import IMAGE_KINDS, ImageCache, Picture, render_reject
+from lineguard.stream.protocol import (
     ENTRY_FIELD,
     VERDICTS,
     Event,
@@ -48,8 +48,8 @@ from stream.protocol import (
     decode_scores,
     frame_key,
 )
-from stream.settings import Settings
-from stream.worker import health_report
+from lineguard.stream.settings import Settings
+from lineguard.stream.worker import health_report
 
 log = structlog.get_logger("lineguard.dashboard")
 

@@ -20,11 +20,11 @@ from typing import Final
 import redis
 import structlog
 
-from engines.errors import ConfigError, LineguardError
-from stream.bus import connect
-from stream.dashboard.app import create_app
-from stream.dashboard.data import DashboardConfig, LineView
-from stream.settings import Settings
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.stream.bus import connect
+from lineguard.stream.dashboard.app import create_app
+from lineguard.stream.dashboard.data import DashboardConfig, LineView
+from lineguard.stream.settings import Settings
 
 log = structlog.get_logger("lineguard.dashboard")
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from engines.runtimes.base import PRECISIONS
-from stream.cli import app
-from stream.infer import RUNTIME_CHOICES
+from lineguard.engines.runtimes.base import PRECISIONS
+from lineguard.stream.cli import app
+from lineguard.stream.infer import RUNTIME_CHOICES
 from tests.deploy.deploy_files import DEPLOY
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from stream.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
+from lineguard.stream.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

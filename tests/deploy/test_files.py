@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import redis
 
-from engines.errors import ConfigError
-from stream.bus import Bus
-from stream.settings import ENV_PREFIX, Settings
+from lineguard.engines.errors import ConfigError
+from lineguard.stream.bus import Bus
+from lineguard.stream.settings import ENV_PREFIX, Settings
 from tests.deploy import deploy_files as df
 from tests.deploy.cli_check import STAGES, check_command, help_info
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from stream.bus import Bus
-from stream.protocol import ENTRY_FIELD, decode_frame, decode_scores
-from stream.replay import send_source, wait_for_events
-from stream.run import LocalPipeline
-from stream.sources import ArraySource
-from stream.worker import health_pattern
+from lineguard.stream.bus import Bus
+from lineguard.stream.protocol import ENTRY_FIELD, decode_frame, decode_scores
+from lineguard.stream.replay import send_source, wait_for_events
+from lineguard.stream.run import LocalPipeline
+from lineguard.stream.sources import ArraySource
+from lineguard.stream.worker import health_pattern
 from tests.stream.pipeline_helpers import BAD, GOOD, SIZE, all_events, settings_for, wait_until
 from tests.stream.pipeline_helpers import split_bundle as make_split_bundle
 

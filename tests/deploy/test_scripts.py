@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from engines.bundle import Bundle
-from stream.bus import Bus
-from stream.settings import ENV_PREFIX
-from stream.worker import line_key
+from lineguard.engines.bundle import Bundle
+from lineguard.stream.bus import Bus
+from lineguard.stream.settings import ENV_PREFIX
+from lineguard.stream.worker import line_key
 from tests.deploy.cli_check import load_script
 from tests.deploy.deploy_files import DEPLOY
 

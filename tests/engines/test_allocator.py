@@ -9,7 +9,7 @@ import pytest
 
 PROBE = """
 import resource, torch
-from engines.allocator import keep_freed_memory
+from lineguard.engines.allocator import keep_freed_memory
 kept = {keep}
 if kept:
     assert keep_freed_memory()

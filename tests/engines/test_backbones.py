@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engines.backbones import backbone_spec, create_backbone, list_backbones
-from engines.efficientnet_lite import EfficientNetLite0, map_lukemelas_state_dict
-from engines.errors import ConfigError, WeightsError
-from engines.weights import read_checkpoint
+from lineguard.engines.backbones import backbone_spec, create_backbone, list_backbones
+from lineguard.engines.efficientnet_lite import EfficientNetLite0, map_lukemelas_state_dict
+from lineguard.engines.errors import ConfigError, WeightsError
+from lineguard.engines.weights import read_checkpoint
 
 
 @pytest.mark.parametrize("name", list_backbones())

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from engines.banks import FewShotBank, ImageBank, class_shares, composition, fewshot_descriptors
-from engines.model import CSADModel, ModelConfig
+from lineguard.engines.banks import (
+    FewShotBank,
+    ImageBank,
+    class_shares,
+    composition,
+    fewshot_descriptors,
+)
+from lineguard.engines.model import CSADModel, ModelConfig
 
 
 def test_image_bank_distances_and_leave_one_out_match_numpy() -> None:
@@ -62,7 +68,7 @@ def test_fewshot_bank_masks_background_and_finds_a_defect() -> None:
     model = CSADModel(ModelConfig(input_size=128, fewshot_shots=2)).eval()  # ImageNet lite0
     rng = np.random.default_rng(0)
     shots = np.stack([_scene(rng, False) for _ in range(2)])
-    from offline.banks import fit_fewshot_bank
+    from lineguard.offline.banks import fit_fewshot_bank
 
     with torch.no_grad():
         info = fit_fewshot_bank(model, shots)
@@ -92,7 +98,7 @@ def test_fewshot_descriptors_are_unit_length() -> None:
 def test_every_bank_exports_with_a_batch_axis(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from engines.export import export_onnx
+    from lineguard.engines.export import export_onnx
 
     config = ModelConfig(
         input_size=64,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engines.bundle import Bundle, load_bundle, save_bundle
-from engines.errors import BundleError
-from engines.fusion import Calibration
+from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
+from lineguard.engines.errors import BundleError
+from lineguard.engines.fusion import Calibration
 from tests.conftest import random_images, tiny_model
 
 

@@ -10,12 +10,12 @@ import onnx
 import pytest
 import torch
 
-from engines.bundle import save_bundle
-from engines.errors import ConfigError
-from engines.fusion import Calibration
-from engines.model import CSADModel, ModelConfig
-from engines.runtimes import open_runtime
-from offline.calibrate import raw_scores
+from lineguard.engines.bundle import save_bundle
+from lineguard.engines.errors import ConfigError
+from lineguard.engines.fusion import Calibration
+from lineguard.engines.model import CSADModel, ModelConfig
+from lineguard.engines.runtimes import open_runtime
+from lineguard.offline.calibrate import raw_scores
 
 GRAPH = ModelConfig(
     input_size=64,
@@ -61,7 +61,7 @@ def test_faiss_stage_matches_the_graph_on_every_runtime(tmp_path: Path) -> None:
 
 
 def test_tensorrt_refuses_a_faiss_searched_bundle(tmp_path: Path) -> None:
-    from engines.runtimes.tensorrt_rt import TensorRTRuntime
+    from lineguard.engines.runtimes.tensorrt_rt import TensorRTRuntime
 
     _, faiss = _pair()
     bundle = save_bundle(faiss, tmp_path / "b", Calibration.neutral(GRAPH.branches))

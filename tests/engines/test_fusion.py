@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.errors import BundleError
-from engines.fusion import Calibration, fit_calibration
-from engines.histogram import trimmed_stats
+from lineguard.engines.errors import BundleError
+from lineguard.engines.fusion import Calibration, fit_calibration
+from lineguard.engines.histogram import trimmed_stats
 
 
 def test_trimmed_z_calibration_and_threshold() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.histogram import (
+from lineguard.engines.histogram import (
     PatchHistogram,
     class_histograms,
     fit_gaussian,

@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
-from engines.errors import ConfigError, InputError
-from engines.export import export_onnx
-from engines.model import CSADModel, ModelConfig
+from lineguard.engines.errors import ConfigError, InputError
+from lineguard.engines.export import export_onnx
+from lineguard.engines.model import CSADModel, ModelConfig
 from tests.conftest import TINY, random_images, tiny_model
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.bundle import Bundle
-from engines.errors import ConfigError, InputError
-from engines.runtimes import batch_buckets, bucket_for, open_runtime
+from lineguard.engines.bundle import Bundle
+from lineguard.engines.errors import ConfigError, InputError
+from lineguard.engines.runtimes import batch_buckets, bucket_for, open_runtime
 from tests.conftest import random_images
 
 CPU_RUNTIMES = ["torch", "onnxruntime"]

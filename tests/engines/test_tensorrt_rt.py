@@ -26,23 +26,26 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import engines.runtimes.tensorrt_rt as trt_rt
-from engines.bundle import Bundle
-from engines.errors import ConfigError, RuntimeUnavailableError
-from engines.export import INPUT_NAME, OUTPUT_NAMES
-from engines.runtimes import batch_buckets, open_runtime
-from engines.runtimes.tensorrt_rt import (
-    EXPECTED_IO,
+import lineguard.engines.runtimes.tensorrt_rt as trt_rt
+from lineguard.engines.bundle import Bundle
+from lineguard.engines.errors import ConfigError, RuntimeUnavailableError
+from lineguard.engines.export import INPUT_NAME, OUTPUT_NAMES
+from lineguard.engines.runtimes import batch_buckets, open_runtime
+from lineguard.engines.runtimes.engine_cache import (
     BatchProfile,
     EngineKey,
-    PrecisionPlan,
+    atomic_write,
+    build_lock,
     choose_profile,
-    convert_onnx_to_fp16,
     default_opt_batch,
-    fp16_regions,
+    timing_cache_filename,
+)
+from lineguard.engines.runtimes.fp16_onnx import convert_onnx_to_fp16, fp16_regions
+from lineguard.engines.runtimes.tensorrt_rt import (
+    EXPECTED_IO,
+    PrecisionPlan,
     io_problems,
     plan_precision,
-    timing_cache_filename,
     trt_dtype_to_torch,
     trt_major,
 )
@@ -394,13 +397,13 @@ def test_io_problems() -> None:
     assert "unexpected tensor 'extra'" in problems
 
 
-def test_atomic_write_replaces_without_leftovers(tmp_path: Path) -> None:
+def testatomic_write_replaces_without_leftovers(tmp_path: Path) -> None:
     target = tmp_path / "cache" / "x.engine"
-    assert trt_rt._atomic_write(target, b"first")
-    assert trt_rt._atomic_write(target, memoryview(b"second"))
+    assert atomic_write(target, b"first")
+    assert atomic_write(target, memoryview(b"second"))
     assert target.read_bytes() == b"second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["x.engine"]
-    with trt_rt._build_lock(target):  # the lock file sits next to the engine
+    with build_lock(target):  # the lock file sits next to the engine
         assert (target.parent / "x.engine.lock").exists()
 
 
@@ -572,7 +575,9 @@ def test_fp16_conversion_of_the_real_export(tiny_bundle: Bundle) -> None:
 
 
 def test_importing_the_module_does_not_import_tensorrt() -> None:
-    code = "import sys, engines.runtimes.tensorrt_rt; assert 'tensorrt' not in sys.modules"
+    code = (
+        "import sys, lineguard.engines.runtimes.tensorrt_rt; assert 'tensorrt' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

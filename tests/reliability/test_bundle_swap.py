@@ -25,17 +25,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-import engines.bundle as bundle_mod
-import stream.infer as infer_mod
-from engines.bundle import Bundle, load_bundle, save_bundle
-from engines.fusion import Calibration
-from engines.runtimes import open_runtime
-from stream.bus import Bus, connect
-from stream.decide import DecideStage
-from stream.infer import InferStage
-from stream.ingest import Ingestor
-from stream.protocol import ENTRY_FIELD, Scores, decode_scores
-from stream.worker import StopFlag, run_worker
+import lineguard.engines.bundle as bundle_mod
+import lineguard.stream.infer as infer_mod
+from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
+from lineguard.engines.fusion import Calibration
+from lineguard.engines.runtimes import open_runtime
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.decide import DecideStage
+from lineguard.stream.infer import InferStage
+from lineguard.stream.ingest import Ingestor
+from lineguard.stream.protocol import ENTRY_FIELD, Scores, decode_scores
+from lineguard.stream.worker import StopFlag, run_worker
 from tests.conftest import tiny_model
 from tests.reliability.helpers import wait_for_every_seq, wait_until
 from tests.stream.pipeline_helpers import BAD, GOOD, SIZE, settings_for

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from stream.bus import Bus
-from stream.decide import DecideStage
-from stream.infer import InferStage
-from stream.ingest import Ingestor
-from stream.protocol import ENTRY_FIELD, decode_scores
+from lineguard.stream.bus import Bus
+from lineguard.stream.decide import DecideStage
+from lineguard.stream.infer import InferStage
+from lineguard.stream.ingest import Ingestor
+from lineguard.stream.protocol import ENTRY_FIELD, decode_scores
 from tests.reliability.helpers import ROOT, events_now
 from tests.stream.pipeline_helpers import BAD, GOOD, SIZE, settings_for, split_bundle
 
@@ -62,7 +62,7 @@ def start(stage: str, bundle: Path, bus: Bus, url: str) -> subprocess.CompletedP
         LINEGUARD_LOG__FORMAT="json",
     )
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", stage, "--bundle", str(bundle)],
+        [sys.executable, "-m", "lineguard.stream.cli", stage, "--bundle", str(bundle)],
         env=env,
         cwd=ROOT,
         capture_output=True,

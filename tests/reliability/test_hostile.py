@@ -20,13 +20,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from stream.bus import Bus, connect
-from stream.decide import DecideStage
-from stream.infer import InferStage
-from stream.ingest import Ingestor
-from stream.protocol import ENTRY_FIELD, SCHEMA_VERSION, Scores, encode, make_frame
-from stream.settings import Settings
-from stream.worker import StopFlag, line_key, run_worker
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.decide import DecideStage
+from lineguard.stream.infer import InferStage
+from lineguard.stream.ingest import Ingestor
+from lineguard.stream.protocol import ENTRY_FIELD, SCHEMA_VERSION, Scores, encode, make_frame
+from lineguard.stream.settings import Settings
+from lineguard.stream.worker import StopFlag, line_key, run_worker
 from tests.reliability.helpers import events_now, wait_until
 from tests.stream.pipeline_helpers import BAD, GOOD, SIZE, settings_for, split_bundle
 

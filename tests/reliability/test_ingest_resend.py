@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from stream.bus import Bus
-from stream.ingest import Ingestor, SeqConflictError
-from stream.protocol import ENTRY_FIELD, encode, make_frame
+from lineguard.stream.bus import Bus
+from lineguard.stream.ingest import Ingestor, SeqConflictError
+from lineguard.stream.protocol import ENTRY_FIELD, encode, make_frame
 from tests.stream.pipeline_helpers import BAD, GOOD, SIZE
 
 

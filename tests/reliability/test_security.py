@@ -22,13 +22,13 @@ import pytest
 import redis
 import structlog
 
-from stream.bus import Bus, BusError, connect, wait_for_server
-from stream.decide import DecideStage
-from stream.infer import InferStage
-from stream.ingest import Ingestor
-from stream.logs import configure_logging
-from stream.settings import LogSettings, RedisSettings, Settings
-from stream.worker import StopFlag, run_worker
+from lineguard.stream.bus import Bus, BusError, connect, wait_for_server
+from lineguard.stream.decide import DecideStage
+from lineguard.stream.infer import InferStage
+from lineguard.stream.ingest import Ingestor
+from lineguard.stream.logs import configure_logging
+from lineguard.stream.settings import LogSettings, RedisSettings, Settings
+from lineguard.stream.worker import StopFlag, run_worker
 from tests.reliability.helpers import (
     ROOT,
     RedisProcess,
@@ -155,7 +155,7 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("LINEGUARD_")}
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", "--log-level", "debug", *args],
+        [sys.executable, "-m", "lineguard.stream.cli", "--log-level", "debug", *args],
         env={**base, **env},
         cwd=ROOT,
         capture_output=True,
@@ -201,7 +201,7 @@ def test_rediss_urls_pass_ssl_options_to_redis_py() -> None:
     assert pool.connection_class is redis.SSLConnection
     assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/ssl/plant-ca.pem"
     assert pool.connection_kwargs["ssl_cert_reqs"] == "required"
-    from stream.bus import client_url
+    from lineguard.stream.bus import client_url
 
     assert client_url(client) == "rediss://redis.plant:6380/0"
     client.close()

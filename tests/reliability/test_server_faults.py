@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from stream.bus import Bus, connect
-from stream.ingest import Ingestor
-from stream.settings import RedisSettings
-from stream.worker import line_key
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.ingest import Ingestor
+from lineguard.stream.settings import RedisSettings
+from lineguard.stream.worker import line_key
 from tests.reliability.helpers import (
     IngestThread,
     RedisProcess,
@@ -184,9 +184,9 @@ def test_a_batch_caught_by_an_outage_is_rescored_as_soon_as_the_server_is_back(
     import threading
     import time
 
-    from stream.infer import InferStage
-    from stream.protocol import ENTRY_FIELD, decode_scores
-    from stream.worker import StopFlag, run_worker
+    from lineguard.stream.infer import InferStage
+    from lineguard.stream.protocol import ENTRY_FIELD, decode_scores
+    from lineguard.stream.worker import StopFlag, run_worker
 
     split = split_bundle()
     bus = bus_on(own_server.url)

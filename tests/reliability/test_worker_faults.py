@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.bus import Bus, connect
-from stream.settings import RedisSettings
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.settings import RedisSettings
 from tests.reliability.helpers import (
     IngestThread,
     RedisProcess,

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from stream.bus import Bus, connect
-from stream.server import EmbeddedValkey
-from stream.settings import RedisSettings
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.server import EmbeddedValkey
+from lineguard.stream.settings import RedisSettings
 
 EXTERNAL_DEFAULT_URL = "redis://127.0.0.1:6379/0"
 

@@ -21,12 +21,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engines.bundle import save_bundle
-from engines.fusion import Calibration
-from engines.runtimes import open_runtime
-from stream.bus import Bus
-from stream.protocol import ENTRY_FIELD, Event, decode_event
-from stream.settings import Settings
+from lineguard.engines.bundle import save_bundle
+from lineguard.engines.fusion import Calibration
+from lineguard.engines.runtimes import open_runtime
+from lineguard.stream.bus import Bus
+from lineguard.stream.protocol import ENTRY_FIELD, Event, decode_event
+from lineguard.stream.settings import Settings
 from tests.conftest import tiny_model
 
 SIZE = 64

@@ -11,8 +11,8 @@ import pytest
 import redis
 import structlog
 
-from engines.errors import ConfigError, LineguardError
-from stream.bus import (
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.stream.bus import (
     Bus,
     BusError,
     Entry,
@@ -22,8 +22,8 @@ from stream.bus import (
     server_version,
     wait_for_server,
 )
-from stream.protocol import ENTRY_FIELD, Frame, Scores, decode_frame, decode_scores
-from stream.settings import RedisSettings, Settings
+from lineguard.stream.protocol import ENTRY_FIELD, Frame, Scores, decode_frame, decode_scores
+from lineguard.stream.settings import RedisSettings, Settings
 
 T0 = 1_795_000_000.0
 G = "infer"

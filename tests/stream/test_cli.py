@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stream.bus import Bus
-from stream.cli import app
-from stream.protocol import Event
-from stream.worker import Heartbeat
+from lineguard.stream.bus import Bus
+from lineguard.stream.cli import app
+from lineguard.stream.protocol import Event
+from lineguard.stream.worker import Heartbeat
 from tests.stream.pipeline_helpers import all_events, split_bundle, write_folder
 
 COMMANDS = [

@@ -21,16 +21,21 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from engines.errors import ConfigError
-from stream.bus import Bus, StreamName
-from stream.cli import app
-from stream.dashboard import DashboardConfig, DashboardServer, check_binding, discover_prefix
-from stream.dashboard.images import ImageCache, Picture
-from stream.protocol import Event, LowResMap, Scores, make_frame
-from stream.replay import replay, send_source
-from stream.run import LocalPipeline
-from stream.settings import Settings
-from stream.sources import ArraySource
+from lineguard.engines.errors import ConfigError
+from lineguard.stream.bus import Bus, StreamName
+from lineguard.stream.cli import app
+from lineguard.stream.dashboard import (
+    DashboardConfig,
+    DashboardServer,
+    check_binding,
+    discover_prefix,
+)
+from lineguard.stream.dashboard.images import ImageCache, Picture
+from lineguard.stream.protocol import Event, LowResMap, Scores, make_frame
+from lineguard.stream.replay import replay, send_source
+from lineguard.stream.run import LocalPipeline
+from lineguard.stream.settings import Settings
+from lineguard.stream.sources import ArraySource
 from tests.stream.conftest import make_bus
 from tests.stream.pipeline_helpers import (
     BAD,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from stream.bus import Bus
-from stream.dashboard import DashboardConfig, DashboardServer
-from stream.replay import replay
-from stream.run import LocalPipeline
+from lineguard.stream.bus import Bus
+from lineguard.stream.dashboard import DashboardConfig, DashboardServer
+from lineguard.stream.replay import replay
+from lineguard.stream.run import LocalPipeline
 from tests.stream.pipeline_helpers import SIZE, settings_for, split_bundle, write_folder
 
 CHROMIUM = next(

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream.bus import Bus
-from stream.decide import CameraState, DecideStage, latency_of
-from stream.protocol import Scores
-from stream.worker import line_key
+from lineguard.stream.bus import Bus
+from lineguard.stream.decide import CameraState, DecideStage, latency_of
+from lineguard.stream.protocol import Scores
+from lineguard.stream.worker import line_key
 from tests.stream.pipeline_helpers import SplitBundle, all_events, settings_for, split_bundle
 
 T0 = 1_795_000_000.0
@@ -114,7 +114,7 @@ def test_a_hole_still_in_flight_is_not_declared(bus: Bus, redis_url: str) -> Non
     stage = make_stage(bus, redis_url)
     # frame 1 is being scored by some infer worker (read, not acknowledged)
     bus.ensure_group("frames", "infer")
-    from stream.ingest import Ingestor
+    from lineguard.stream.ingest import Ingestor
     from tests.stream.pipeline_helpers import GOOD
 
     ing = Ingestor(bus, camera="cam0", size=64, encoding="png")

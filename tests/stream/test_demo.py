@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from engines.bundle import Bundle, save_bundle
-from engines.fusion import Calibration
-from stream.bench_e2e import bench_e2e, result_table, synthetic_images
-from stream.bus import Bus
-from stream.demo import contact_sheet, labelled_images, run_demo
+from lineguard.engines.bundle import Bundle, save_bundle
+from lineguard.engines.fusion import Calibration
+from lineguard.stream.bench_e2e import bench_e2e, result_table, synthetic_images
+from lineguard.stream.bus import Bus
+from lineguard.stream.demo import contact_sheet, labelled_images, run_demo
 from tests.conftest import tiny_model
 from tests.stream.pipeline_helpers import settings_for, split_bundle
 
@@ -21,7 +21,7 @@ COUNTS = {"n_train": 2, "n_val": 2, "n_test_good": 4, "n_test_logical": 3, "n_te
 
 
 def untrained(_data: Path, out: Path) -> Bundle:
-    """Stands in for offline.train.train_bundle (which the demo calls for real)."""
+    """Stands in for lineguard.offline.train.train_bundle (which the demo calls for real)."""
     model = tiny_model()
     return save_bundle(model, out, Calibration.neutral(model.config.branches, threshold=1.0))
 
@@ -63,7 +63,7 @@ def test_demo_runs_reports_and_reuses_its_cache(bus: Bus, redis_url: str, tmp_pa
 
 
 def test_labels_come_from_the_folders(tmp_path: Path) -> None:
-    from offline.synth import make_line
+    from lineguard.offline.synth import make_line
 
     make_line(tmp_path, n_train=1, n_val=1, n_test_good=2, n_test_logical=1,
               n_test_structural=1, size=48)  # fmt: skip

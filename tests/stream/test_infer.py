@@ -11,14 +11,14 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.bundle import load_bundle
-from engines.errors import ConfigError
-from engines.model import Outputs
-from stream.bus import Bus
-from stream.infer import InferStage, entry_time, resolve_runtime
-from stream.ingest import Ingestor
-from stream.protocol import ENTRY_FIELD, Frame, Scores, decode_scores, encode
-from stream.worker import ConsumerPruner
+from lineguard.engines.bundle import load_bundle
+from lineguard.engines.errors import ConfigError
+from lineguard.engines.model import Outputs
+from lineguard.stream.bus import Bus
+from lineguard.stream.infer import InferStage, entry_time, resolve_runtime
+from lineguard.stream.ingest import Ingestor
+from lineguard.stream.protocol import ENTRY_FIELD, Frame, Scores, decode_scores, encode
+from lineguard.stream.worker import ConsumerPruner
 from tests.stream.pipeline_helpers import BAD, GOOD, SIZE, settings_for, split_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,7 +168,7 @@ def test_hot_reload_swaps_the_bundle_between_batches(
 
 def test_runtime_choice_and_entry_time() -> None:
     bundle = split_bundle()
-    from engines.bundle import load_bundle
+    from lineguard.engines.bundle import load_bundle
 
     b = load_bundle(bundle.path)
     assert resolve_runtime("auto", "cpu", b) == "onnxruntime"
@@ -180,8 +180,8 @@ def test_runtime_choice_and_entry_time() -> None:
 
 def test_infer_imports_no_training_code() -> None:
     code = (
-        "import sys, stream.infer, stream.decide, stream.ingest, stream.run, stream.cli,"
-        " stream.demo, stream.bench_e2e;"
+        "import sys, lineguard.stream.infer, lineguard.stream.decide, lineguard.stream.ingest, lineguard.stream.run, lineguard.stream.cli,"
+        " lineguard.stream.demo, lineguard.stream.bench_e2e;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('offline', 'lightning', 'pytorch_lightning', 'tensorboard'));"
         "print(','.join(bad)); sys.exit(1 if bad else 0)"

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.errors import ConfigError
-from stream.bus import Bus
-from stream.ingest import (
+from lineguard.engines.errors import ConfigError
+from lineguard.stream.bus import Bus
+from lineguard.stream.ingest import (
     Ingestor,
     IngestStage,
     Pacer,
@@ -20,8 +20,8 @@ from stream.ingest import (
     bundle_input_size,
     resize_to,
 )
-from stream.protocol import ENTRY_FIELD, Frame, decode_frame, decode_image
-from stream.sources import (
+from lineguard.stream.protocol import ENTRY_FIELD, Frame, decode_frame, decode_image
+from lineguard.stream.sources import (
     ArraySource,
     ImageFolder,
     Recording,
@@ -30,7 +30,7 @@ from stream.sources import (
     open_source,
     read_image,
 )
-from stream.worker import run_worker
+from lineguard.stream.worker import run_worker
 from tests.stream.pipeline_helpers import settings_for, split_bundle
 
 

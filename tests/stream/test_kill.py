@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from stream.bus import Bus, connect
-from stream.decide import DecideStage
-from stream.replay import send_source, wait_for_events
-from stream.settings import Settings
-from stream.sources import ArraySource
-from stream.worker import StopFlag, line_key, run_worker
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.decide import DecideStage
+from lineguard.stream.replay import send_source, wait_for_events
+from lineguard.stream.settings import Settings
+from lineguard.stream.sources import ArraySource
+from lineguard.stream.worker import StopFlag, line_key, run_worker
 from tests.stream.pipeline_helpers import (
     BAD,
     GOOD,
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_infer(env: dict[str, str], bundle: Path, consumer: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "stream.cli", "--log-format", "json", "infer"]
+    cmd = [sys.executable, "-m", "lineguard.stream.cli", "--log-format", "json", "infer"]
     cmd += ["--bundle", str(bundle), "--consumer", consumer, "--runtime", "onnxruntime"]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE)
 

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engines.errors import InputError, LineguardError
-from stream.protocol import (
+from lineguard.engines.errors import InputError, LineguardError
+from lineguard.stream.protocol import (
     SCHEMA_VERSION,
     Event,
     Frame,
@@ -34,7 +34,7 @@ from stream.protocol import (
     frame_key,
     make_frame,
 )
-from stream.settings import LimitsSettings
+from lineguard.stream.settings import LimitsSettings
 
 T0 = 1_795_000_000.25
 

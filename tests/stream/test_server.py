@@ -7,10 +7,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from engines.errors import LineguardError
-from stream.bus import Bus, connect, server_version
-from stream.server import EmbeddedServerError, EmbeddedValkey, embedded_valkey, redis_url_for
-from stream.settings import RedisSettings, Settings
+from lineguard.engines.errors import LineguardError
+from lineguard.stream.bus import Bus, connect, server_version
+from lineguard.stream.server import (
+    EmbeddedServerError,
+    EmbeddedValkey,
+    embedded_valkey,
+    redis_url_for,
+)
+from lineguard.stream.settings import RedisSettings, Settings
 
 
 def _client(url: str) -> redis.Redis:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engines.errors import ConfigError, LineguardError
-from stream.settings import Settings, env_var, nest_overrides, redacted_url
+from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.stream.settings import Settings, env_var, nest_overrides, redacted_url
 
 
 @pytest.fixture(autouse=True)

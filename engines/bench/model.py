@@ -1,4 +1,4 @@
-"""Model throughput benchmark: the fused forward on each runtime, batch size and device.
+"""``lineguard bench model``: the fused forward on each runtime, batch size and device.
 
 Speed is measured here, never asserted in tests. Each configuration runs a few warm-up
 batches, then repeats until ``min_time_s`` has passed (and at least ``min_iters`` times);
@@ -8,8 +8,6 @@ the copy of the outputs back, i.e. what a worker actually waits for.
 
 from __future__ import annotations
 
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -20,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.bundle import Bundle, load_bundle, save_bundle
-from engines.errors import LineguardError
-from engines.fusion import Calibration
-from engines.model import CSADModel, ModelConfig
-from engines.runtimes import open_runtime
+from lineguard.engines.bench.machine import machine_info
+from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
+from lineguard.engines.errors import LineguardError
+from lineguard.engines.fusion import Calibration
+from lineguard.engines.model import CSADModel, ModelConfig
+from lineguard.engines.runtimes import open_runtime
 
 DEFAULT_PROFILE = {"efficientnet_lite0": "lite", "wide_resnet50_2": "paper"}
 
@@ -208,19 +207,6 @@ def bench_model(
                     rows.append(setup.row(b, lat))
                 rt.close()
     return rows
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def rows_to_json(rows: list[BenchRow]) -> dict[str, Any]:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engines.errors import ConfigError
-from engines.knn import nearest_sq
-from engines.knn_search import FaissSearch, KnnRow, bench_knn, crossover
+from lineguard.engines.bench.knn import KnnRow, bench_knn, crossover
+from lineguard.engines.errors import ConfigError
+from lineguard.engines.knn import nearest_sq
+from lineguard.engines.runtimes.faiss_stage import FaissSearch
 
 
 def test_faiss_flat_matches_the_graph_search_and_approximate_never_undershoots() -> None:

@@ -1,16 +1,15 @@
-"""Nearest-neighbour search for large patch banks with faiss, and where it starts to pay off.
+"""``lineguard bench knn``: where faiss starts to beat the in-graph patch-bank search.
 
 The fused graph searches the patch bank with matrix products (``engines.knn``): exact, batched,
 exported to ONNX/TensorRT with everything else, and its cost grows linearly with the bank
 (2·M·D FLOPs per patch). faiss brings what a matrix product cannot — inverted lists (IVF) and
 graphs (HNSW) that look at a small part of a large bank — at the price of running outside the
-graph, on descriptors the engine hands over. ``bench_knn`` times both on the same queries and
-bank sizes so the crossover is measured rather than guessed (``lineguard bench knn``).
+graph, on descriptors the engine hands over (``engines.runtimes.faiss_stage``). ``bench_knn``
+times both on the same queries and bank sizes so the crossover is measured, not guessed.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 import warnings
@@ -22,59 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.errors import ConfigError
-from engines.knn import nearest_sq
+from lineguard.engines.bench.machine import machine_info
+from lineguard.engines.errors import ConfigError
+from lineguard.engines.knn import nearest_sq
+from lineguard.engines.runtimes.faiss_stage import KINDS, FaissSearch
 
-KINDS = ("flat", "ivf", "hnsw")
 METHODS = ("graph-torch", "graph-onnxruntime", *(f"faiss-{k}" for k in KINDS))
-
-
-class FaissSearch:
-    """A faiss index over a bank ``[M, D]``; ``nearest(q)`` gives Euclidean distances ``[N]``.
-
-    ``flat`` is exact; ``ivf`` (``4·√M`` lists, ``nprobe`` of them searched) and ``hnsw``
-    (32 links, ``ef_search``) are approximate: ``bench_knn`` reports their recall.
-    """
-
-    def __init__(
-        self,
-        bank: np.ndarray,
-        kind: str = "flat",
-        *,
-        nprobe: int = 8,
-        ef_search: int = 64,
-        threads: int | None = None,
-    ):
-        import faiss
-
-        if kind not in KINDS:
-            raise ConfigError(f"unknown faiss index {kind!r}; use one of {KINDS}")
-        x = np.ascontiguousarray(bank, dtype=np.float32)
-        if x.ndim != 2 or x.shape[0] < 1:
-            raise ConfigError(f"a bank must be [M ≥ 1, D], got {x.shape}")
-        if threads is not None:
-            faiss.omp_set_num_threads(threads)
-        m, d = x.shape
-        self.kind = kind
-        self.index: Any
-        if kind == "flat":
-            self.index = faiss.IndexFlatL2(d)
-        elif kind == "ivf":
-            nlist = max(1, min(int(4 * math.sqrt(m)), m // 39 or 1))  # ≥ 39 points per list
-            quantizer = faiss.IndexFlatL2(d)
-            self.index = faiss.IndexIVFFlat(quantizer, d, nlist)
-            self.index.train(x)
-            self.index.nprobe = min(nprobe, nlist)
-            self._quantizer = quantizer  # the IVF index does not own it
-        else:
-            self.index = faiss.IndexHNSWFlat(d, 32)
-            self.index.hnsw.efSearch = ef_search
-        self.index.add(x)
-
-    def nearest(self, queries: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        distances, _ = self.index.search(q, 1)
-        return np.sqrt(np.clip(distances[:, 0], 0.0, None))
 
 
 class _GraphSearch(torch.nn.Module):
@@ -228,7 +180,6 @@ def crossover(rows: list[KnnRow], exact_only: bool = False) -> dict[str, int | N
 
 
 def rows_to_json(rows: list[KnnRow]) -> dict[str, Any]:
-    from engines.bench import machine_info
 
     return {
         "machine": machine_info(),
