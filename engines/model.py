@@ -232,8 +232,8 @@ class CSADModel(nn.Module):
         if self.patch_knn is not None or self.comp_knn is not None:
             desc = patch_descriptors(features[0], features[1], self.config.map_size)
         if self.patch_knn is not None and self.config.patch_search != "graph":
-            # searched after the engine (lineguard.engines.runtimes.faiss_stage): hand the descriptors out
-            # and leave the column at zero for that stage to fill
+            # searched after the engine (runtimes.faiss_stage): hand the descriptors out and
+            # leave the column at zero for that stage to fill
             assert desc is not None
             patch_features = desc.to(torch.float32).flatten(2).transpose(1, 2).contiguous()
             columns.append(torch.zeros_like(columns[1]))

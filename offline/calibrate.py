@@ -52,7 +52,7 @@ def leave_one_out_max(
     """Per-branch ``(max LOO score, offset)`` for PSAD's adaptive scaling ``s / max(LOO)``.
 
     Memory banks (``*_knn``) use PSAD's own formula: each training image scored against the
-    bank without its own entries (``bank_loo``, raw distances from ``lineguard.offline.banks``). The patch
+    bank without its own entries (``bank_loo``, raw distances from ``offline.banks``). The patch
     bank publishes ``a·d + b`` (its map is quantile-normalised), so the offset ``b`` and scale
     ``a`` come along to make the normalised score exactly ``d / max(LOO)``. Branches without a
     bank (the histogram Mahalanobis, LGST), and the 1-shot few-shot branch, have no training

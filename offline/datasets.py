@@ -138,7 +138,7 @@ def _carve(goods: list[Sample], fraction: float, seed: int) -> tuple[list[Sample
 
 
 def _synth_subtypes(root: Path) -> dict[str, str]:
-    """Subtypes recorded by :mod:`lineguard.offline.synth` in ``meta.json`` (empty for real datasets)."""
+    """Subtypes recorded by :mod:`offline.synth` in ``meta.json`` (empty for real datasets)."""
     meta = root / "meta.json"
     if not meta.is_file():
         return {}

@@ -283,7 +283,7 @@ def _write_json(path: Path | None, data: Any) -> None:
 
 
 def _print_event(ev: Any) -> None:
-    from lineguard.stream.events import event_line
+    from lineguard.stream.tools.events import event_line
 
     console.print(event_line(ev), highlight=False, soft_wrap=True)
 
@@ -332,7 +332,7 @@ def run_cmd(
     every frame has its event, or on Ctrl-C/SIGTERM after draining what was sent.
     --dashboard also turns on --maps, so the page can show each reject's anomaly map.
     """
-    from lineguard.stream.replay import parse_rate
+    from lineguard.stream.ingest import parse_rate
     from lineguard.stream.run import run_line
     from lineguard.stream.settings import redacted_url
 
@@ -411,9 +411,8 @@ def ingest(
 ) -> None:
     """Capture frames from SOURCE and append them to the frames stream (one camera)."""
     from lineguard.stream.bus import Bus
-    from lineguard.stream.ingest import IngestStage, bundle_input_size
+    from lineguard.stream.ingest import IngestStage, bundle_input_size, parse_rate
     from lineguard.stream.metrics import serve_metrics
-    from lineguard.stream.replay import parse_rate
     from lineguard.stream.sources import open_source
     from lineguard.stream.worker import StopFlag, run_worker
 
@@ -560,8 +559,8 @@ def replay(
     json_path: JsonOpt = None,
 ) -> None:
     """Send SOURCE into the running pipeline, then exit once every frame has its event."""
-    from lineguard.stream.replay import parse_rate
-    from lineguard.stream.replay import replay as do_replay
+    from lineguard.stream.ingest import parse_rate
+    from lineguard.stream.tools.replay import replay as do_replay
 
     settings = _load_settings({"line.id": line, "line.camera": camera, "ingest.encoding": encoding})
 
@@ -604,7 +603,7 @@ def events(
 ) -> None:
     """Print verdicts: the last N, then (with --follow) each new one as it arrives."""
     from lineguard.stream.bus import Bus
-    from lineguard.stream.events import event_json, follow_events, last_events
+    from lineguard.stream.tools.events import event_json, follow_events, last_events
     from lineguard.stream.worker import StopFlag, signals_stop
 
     settings = _load_settings({"line.id": line})
@@ -807,8 +806,8 @@ def demo(
     import sys
     from contextlib import ExitStack
 
-    from lineguard.stream.demo import DEMO_LINE, default_demo_dir, run_demo
-    from lineguard.stream.replay import parse_rate
+    from lineguard.stream.ingest import parse_rate
+    from lineguard.stream.tools.demo import DEMO_LINE, default_demo_dir, run_demo
 
     settings = _load_settings({}, quiet=True)
     with ExitStack() as stack:
@@ -921,8 +920,8 @@ def bench_e2e_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Throughput and capture→event latency through Redis, with a per-stage breakdown."""
-    from lineguard.stream.bench_e2e import bench_e2e, result_table
-    from lineguard.stream.replay import parse_rate
+    from lineguard.stream.ingest import parse_rate
+    from lineguard.stream.tools.bench_e2e import bench_e2e, result_table
 
     settings = _load_settings(
         {
@@ -968,7 +967,7 @@ def bench_soak_cmd(
 ) -> None:
     """The whole line as processes at a fixed rate: memory, queues, p99 and verdict accounting
     once a minute; exit 1 if memory grows without bound or the counts do not add up."""
-    from lineguard.stream.soak import soak
+    from lineguard.stream.tools.soak import soak
 
     settings = _load_settings({}, quiet=True)
     result = soak(

@@ -48,7 +48,6 @@ from lineguard.engines.bundle import Bundle, load_bundle
 from lineguard.engines.errors import BundleError, ConfigError, LineguardError
 from lineguard.engines.runtimes import Runtime, open_runtime
 from lineguard.stream.bus import Bus, Entry, consumer_name
-from lineguard.stream.ingest import resize_to
 from lineguard.stream.logs import frame_context
 from lineguard.stream.metrics import get_metrics, observe_queue
 from lineguard.stream.protocol import (
@@ -59,6 +58,7 @@ from lineguard.stream.protocol import (
     Scores,
     decode_frame,
     decode_image,
+    resize_to,
 )
 from lineguard.stream.settings import Settings
 from lineguard.stream.worker import BundleWatcher, Reclaimer

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import redis
 import structlog
@@ -32,7 +31,7 @@ import structlog
 from lineguard.engines.errors import ConfigError, LineguardError
 from lineguard.stream.bus import Bus
 from lineguard.stream.metrics import get_metrics
-from lineguard.stream.protocol import ENTRY_FIELD, Encoding, Frame, encode, make_frame
+from lineguard.stream.protocol import ENTRY_FIELD, Encoding, Frame, encode, make_frame, resize_to
 from lineguard.stream.settings import Settings
 from lineguard.stream.sources import Capture, Recorder, Source
 from lineguard.stream.worker import StopFlag, line_key
@@ -84,16 +83,25 @@ def bundle_input_size(path: str | Path) -> int:
     return size
 
 
-def resize_to(image: np.ndarray, size: int | None) -> np.ndarray:
-    """Resize the full frame to ``size``×``size`` (the model's own resize is not aspect-keeping
-    either, so the two agree); area interpolation when shrinking avoids aliasing."""
-    if size is None:
-        return image
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
+def parse_rate(value: str | float | None) -> float | None:
+    """``"max"`` (or None) → no pacing; a number → frames per second."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        rate = float(value)
+    else:
+        text = value.strip().lower()
+        if text in ("max", "inf", "unlimited", ""):
+            return None
+        try:
+            rate = float(text)
+        except ValueError:
+            raise ConfigError(
+                f"rate {value!r} must be 'max' or frames per second, e.g. 60"
+            ) from None
+    if not np.isfinite(rate) or rate <= 0:
+        raise ConfigError(f"rate {value!r} must be 'max' or a positive number of frames per second")
+    return rate
 
 
 @dataclass(frozen=True, slots=True)

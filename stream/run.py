@@ -1,7 +1,7 @@
 """All three stages on one box: ``lineguard run``, the demo and the end-to-end benchmark.
 
 ``LocalPipeline`` starts infer and decide workers against one Redis URL (an embedded Valkey
-when ``LINEGUARD_REDIS__URL`` is unset, see ``lineguard.stream.server.redis_url_for``), either as threads
+when ``LINEGUARD_REDIS__URL`` is unset, see ``server.redis_url_for``), either as threads
 of this process (cheap to start; torch and ONNX Runtime release the GIL while they compute) or
 as child processes running ``lineguard infer`` / ``lineguard decide`` (isolation, one metrics
 port each). ``run_line`` then feeds a source through them as the ingest stage.
@@ -29,17 +29,11 @@ import structlog
 from lineguard.engines.errors import ConfigError, LineguardError
 from lineguard.stream.bus import Bus, connect, wait_for_server
 from lineguard.stream.decide import DecideStage
+from lineguard.stream.feed import EventCollector, RunSummary, events_cursor, send_source, summarise
 from lineguard.stream.infer import InferStage
 from lineguard.stream.ingest import bundle_input_size
 from lineguard.stream.metrics import serve_metrics
 from lineguard.stream.protocol import Event
-from lineguard.stream.replay import (
-    EventCollector,
-    RunSummary,
-    events_cursor,
-    send_source,
-    summarise,
-)
 from lineguard.stream.server import redis_url_for
 from lineguard.stream.settings import Settings, env_var
 from lineguard.stream.sources import open_source

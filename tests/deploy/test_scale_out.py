@@ -18,8 +18,8 @@ import pytest
 from redis.crc import key_slot
 
 from lineguard.stream.bus import Bus
+from lineguard.stream.feed import send_source, wait_for_events
 from lineguard.stream.protocol import ENTRY_FIELD, decode_frame, decode_scores
-from lineguard.stream.replay import send_source, wait_for_events
 from lineguard.stream.run import LocalPipeline
 from lineguard.stream.sources import ArraySource
 from lineguard.stream.worker import health_pattern

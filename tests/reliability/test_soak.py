@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lineguard.stream.soak import Tally, _judge, growth_mib_per_min
+from lineguard.stream.tools.soak import Tally, _judge, growth_mib_per_min
 from tests.reliability.helpers import ROOT
 from tests.stream.pipeline_helpers import split_bundle
 
@@ -64,8 +64,8 @@ def test_a_short_soak_reports_and_passes(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LINEGUARD_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "lineguard.stream.cli", "bench", "soak", "--minutes", "0.15", "--rate",
-         "10", "--report-s", "2.5", "--sample-s", "1", "--bundle", str(bundle), "--json",
+        [sys.executable, "-m", "lineguard.stream.cli", "bench", "soak", "--minutes", "0.15",
+         "--rate", "10", "--report-s", "2.5", "--sample-s", "1", "--bundle", str(bundle), "--json",
          str(out)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip

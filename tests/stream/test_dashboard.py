@@ -31,11 +31,12 @@ from lineguard.stream.dashboard import (
     discover_prefix,
 )
 from lineguard.stream.dashboard.images import ImageCache, Picture
+from lineguard.stream.feed import send_source
 from lineguard.stream.protocol import Event, LowResMap, Scores, make_frame
-from lineguard.stream.replay import replay, send_source
 from lineguard.stream.run import LocalPipeline
 from lineguard.stream.settings import Settings
 from lineguard.stream.sources import ArraySource
+from lineguard.stream.tools.replay import replay
 from tests.stream.conftest import make_bus
 from tests.stream.pipeline_helpers import (
     BAD,

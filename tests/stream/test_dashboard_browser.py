@@ -20,8 +20,8 @@ import pytest
 
 from lineguard.stream.bus import Bus
 from lineguard.stream.dashboard import DashboardConfig, DashboardServer
-from lineguard.stream.replay import replay
 from lineguard.stream.run import LocalPipeline
+from lineguard.stream.tools.replay import replay
 from tests.stream.pipeline_helpers import SIZE, settings_for, split_bundle, write_folder
 
 CHROMIUM = next(

@@ -11,9 +11,9 @@ from rich.console import Console
 
 from lineguard.engines.bundle import Bundle, save_bundle
 from lineguard.engines.fusion import Calibration
-from lineguard.stream.bench_e2e import bench_e2e, result_table, synthetic_images
 from lineguard.stream.bus import Bus
-from lineguard.stream.demo import contact_sheet, labelled_images, run_demo
+from lineguard.stream.tools.bench_e2e import bench_e2e, result_table, synthetic_images
+from lineguard.stream.tools.demo import contact_sheet, labelled_images, run_demo
 from tests.conftest import tiny_model
 from tests.stream.pipeline_helpers import settings_for, split_bundle
 

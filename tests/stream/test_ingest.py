@@ -18,9 +18,8 @@ from lineguard.stream.ingest import (
     Pacer,
     SeqConflictError,
     bundle_input_size,
-    resize_to,
 )
-from lineguard.stream.protocol import ENTRY_FIELD, Frame, decode_frame, decode_image
+from lineguard.stream.protocol import ENTRY_FIELD, Frame, decode_frame, decode_image, resize_to
 from lineguard.stream.sources import (
     ArraySource,
     ImageFolder,

@@ -16,7 +16,7 @@ import pytest
 
 from lineguard.stream.bus import Bus, connect
 from lineguard.stream.decide import DecideStage
-from lineguard.stream.replay import send_source, wait_for_events
+from lineguard.stream.feed import send_source, wait_for_events
 from lineguard.stream.settings import Settings
 from lineguard.stream.sources import ArraySource
 from lineguard.stream.worker import StopFlag, line_key, run_worker

@@ -14,11 +14,11 @@ import structlog
 
 from lineguard.engines.errors import ConfigError
 from lineguard.stream.bus import Bus
-from lineguard.stream.events import event_line, follow_events
 from lineguard.stream.infer import InferStage
 from lineguard.stream.logs import bind_worker, configure_logging, frame_context
 from lineguard.stream.metrics import get_metrics, observe_queue, serve_metrics
 from lineguard.stream.protocol import Event
+from lineguard.stream.tools.events import event_line, follow_events
 from lineguard.stream.worker import StopFlag
 from tests.stream.pipeline_helpers import settings_for, split_bundle
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from lineguard.stream.bus import Bus
-from lineguard.stream.replay import replay, send_source, wait_for_events
+from lineguard.stream.feed import send_source, wait_for_events
 from lineguard.stream.run import LocalPipeline
 from lineguard.stream.sources import ArraySource
+from lineguard.stream.tools.replay import replay
 from tests.stream.pipeline_helpers import (
     BAD,
     GOOD,

@@ -42,12 +42,17 @@ import redis
 
 from lineguard.engines.errors import ConfigError, LineguardError
 from lineguard.stream.bus import Bus, connect
-from lineguard.stream.harness import bundle_or_untrained, delete_prefix, run_prefix, with_sections
 from lineguard.stream.ingest import bundle_input_size
 from lineguard.stream.protocol import ENTRY_FIELD, ProtocolError, decode_event
 from lineguard.stream.run import LocalPipeline, settings_env
 from lineguard.stream.server import redis_url_for
 from lineguard.stream.settings import Settings
+from lineguard.stream.tools.harness import (
+    bundle_or_untrained,
+    delete_prefix,
+    run_prefix,
+    with_sections,
+)
 from lineguard.stream.worker import health_report, line_key
 
 SOAK_CAMERA = "soak"
@@ -141,7 +146,7 @@ class Sample:
 
 def synthetic_folder(folder: Path, size: int, n: int = 32) -> Path:
     """``n`` smooth synthetic scenes as PNG files (the ingest source, looped)."""
-    from lineguard.stream.bench_e2e import synthetic_images
+    from lineguard.stream.tools.bench_e2e import synthetic_images
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(synthetic_images(n, size)):
@@ -260,8 +265,9 @@ def soak(
             try:
                 say(f"starting ingest ({rate:g} frames/s), infer and decide as processes")
                 pipeline.start()
-                cmd = [sys.executable, "-m", "lineguard.stream.cli", "ingest", "--source", str(folder),
-                       "--loop", "--rate", f"{rate:g}", "--size", str(size)]  # fmt: skip
+                cmd = [sys.executable, "-m", "lineguard.stream.cli", "ingest",
+                       "--source", str(folder), "--loop", "--rate", f"{rate:g}",
+                       "--size", str(size)]  # fmt: skip
                 env = {**os.environ, **settings_env(cfg, url)}
                 ingest = subprocess.Popen(cmd, env=env)
                 result = _watch(soaker, pipeline, ingest, minutes, sample_s, report_s,

@@ -1,15 +1,11 @@
-"""Send a finite source through a running pipeline and wait until every frame has its event.
+"""Feeding a finite source into the line and collecting the verdict of each of its frames.
 
-``lineguard replay SOURCE`` is a producer and an observer, not a worker: it sends the frames of
-an image folder, video file or recording (made with ``lineguard ingest --record DIR``) with the
-ingest stage's own code, remembers which sequence numbers it used, then follows the events
-stream until each of them has a verdict (``--burst`` semantics) or the timeout passes. The
-infer and decide workers must already be running against ``LINEGUARD_REDIS__URL``;
-``lineguard run`` is the one-box variant that starts them too.
-
-Frames are stamped with the time they are replayed (not the recorded capture time), so the
-latencies in the summary are those of this replay; the recorded times stay in the recording's
-index. Pacing is ``--rate`` (frames per second) or as fast as possible.
+``lineguard run``, ``replay``, the demo and the end-to-end benchmark all send a known set of
+frames and then need exactly one event back for each: ``send_source`` sends with the ingest
+stage's own code and remembers which sequence numbers it used, ``wait_for_events`` (or
+``EventCollector``, in a background thread while sending) follows the events stream until
+every one has a verdict, and ``summarise`` turns that into counts and latencies — with the
+frames that got no event or more than one, which would break the one-frame-one-verdict rule.
 """
 
 from __future__ import annotations
@@ -24,34 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from lineguard.engines.errors import ConfigError
-from lineguard.stream.bus import Bus, connect, wait_for_server
-from lineguard.stream.ingest import Ingestor, Pacer, Sent, bundle_input_size
+from lineguard.stream.bus import Bus, connect
+from lineguard.stream.ingest import Ingestor, Pacer, Sent
 from lineguard.stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
 from lineguard.stream.settings import Settings
-from lineguard.stream.sources import Recorder, Source, open_source
+from lineguard.stream.sources import Recorder, Source
 from lineguard.stream.worker import StopFlag
-
-
-def parse_rate(value: str | float | None) -> float | None:
-    """``"max"`` (or None) → no pacing; a number → frames per second."""
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        rate = float(value)
-    else:
-        text = value.strip().lower()
-        if text in ("max", "inf", "unlimited", ""):
-            return None
-        try:
-            rate = float(text)
-        except ValueError:
-            raise ConfigError(
-                f"rate {value!r} must be 'max' or frames per second, e.g. 60"
-            ) from None
-    if not np.isfinite(rate) or rate <= 0:
-        raise ConfigError(f"rate {value!r} must be 'max' or a positive number of frames per second")
-    return rate
 
 
 def events_cursor(bus: Bus) -> str:
@@ -315,50 +289,3 @@ def summarise(
         seconds=max(0.0, end - sent.t_first) if sent.t_first else 0.0,
         latency_ms=lat,
     )
-
-
-def replay(
-    settings: Settings,
-    source_spec: str,
-    *,
-    rate: float | None = None,
-    size: int | None = None,
-    bundle: str | Path | None = None,
-    loop: bool = False,
-    limit: int | None = None,
-    record: str | Path | None = None,
-    timeout_s: float = 120.0,
-    stop: StopFlag | None = None,
-    on_event: Callable[[Event], None] | None = None,
-) -> RunSummary:
-    """``lineguard replay``: send ``source_spec`` into the pipeline at ``settings.redis.url``
-    and wait for every frame's event."""
-    if not settings.redis.url:
-        raise ConfigError(
-            "replay feeds a running pipeline: set LINEGUARD_REDIS__URL to its Redis, or use "
-            "'lineguard run --bundle B --source SOURCE' to start the workers here"
-        )
-    if loop and limit is None:
-        raise ConfigError("--loop needs --limit N, or replay would never finish")
-    if size is None and bundle is not None:
-        size = bundle_input_size(bundle)
-    client = connect(settings, client_name="lineguard-replay")
-    try:
-        wait_for_server(client, settings.redis.wait_timeout)
-        bus = Bus.from_settings(client, settings)
-        with open_source(source_spec, loop=loop) as source:
-            sent = send_source(
-                bus, settings, source, size=size, fps=rate, record=record, limit=limit, stop=stop
-            )
-        events, counts = wait_for_events(
-            bus,
-            sent.camera,
-            sent.seqs,
-            since=sent.events_from,
-            timeout_s=timeout_s,
-            stop=stop,
-            on_event=on_event,
-        )
-        return summarise(sent, events, counts)
-    finally:
-        client.close()

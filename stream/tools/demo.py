@@ -1,8 +1,8 @@
 """``lineguard demo``: the whole product on a fresh machine, in a few minutes, on a CPU.
 
-1. makes a synthetic product line in the MVTec LOCO layout (``lineguard.offline.synth.make_line``), or
+1. makes a synthetic product line in the MVTec LOCO layout (``offline.synth.make_line``), or
    reuses the cached one;
-2. trains a small bundle with ``lineguard.offline.train.train_bundle(preset="demo")``, or reuses the
+2. trains a small bundle with ``offline.train.train_bundle(preset="demo")``, or reuses the
    cached one (``--fresh`` redoes both);
 3. starts an embedded Valkey (unless ``LINEGUARD_REDIS__URL`` is set), the infer and decide
    workers, and streams the line's test images through them with a live dashboard: frames/s,
@@ -40,15 +40,15 @@ from rich.table import Table
 
 from lineguard.engines.errors import LineguardError
 from lineguard.stream.bus import Bus, connect
-from lineguard.stream.events import VERDICT_STYLE
-from lineguard.stream.harness import delete_prefix, run_prefix, scores_by_seq
+from lineguard.stream.feed import EventCollector, events_cursor, send_source
 from lineguard.stream.ingest import bundle_input_size
 from lineguard.stream.protocol import Event, LowResMap
-from lineguard.stream.replay import EventCollector, events_cursor, send_source
 from lineguard.stream.run import LocalPipeline, Mode
 from lineguard.stream.server import redis_url_for
 from lineguard.stream.settings import Settings
 from lineguard.stream.sources import ArraySource, read_image
+from lineguard.stream.tools.events import VERDICT_STYLE
+from lineguard.stream.tools.harness import delete_prefix, run_prefix, scores_by_seq
 
 Trainer = Callable[[Path, Path], Any]
 
@@ -86,7 +86,7 @@ def offline_trainer() -> Trainer:
         from lineguard.offline.train import train_bundle
     except ImportError as exc:
         raise LineguardError(
-            f"the demo needs lineguard.offline.train.train_bundle, which this installation lacks ({exc}); "
+            f"the demo needs lineguard.offline.train, which this installation lacks ({exc}); "
             "reinstall lineguard with its offline package"
         ) from None
 

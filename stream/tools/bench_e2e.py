@@ -7,7 +7,7 @@ The difference between the two is the transport and batching overhead.
 
 Method: infer and decide run on this box (threads by default); a warm-up of a few frames is
 sent and awaited first, then ``frames`` frames at ``rate`` (``None`` = as fast as the sender
-can go). Each event carries its own per-stage timings (``lineguard.stream.decide.latency_of``), so the
+can go). Each event carries its own per-stage timings (``decide.latency_of``), so the
 breakdown needs no extra instrumentation. Throughput is frames / (last event − first capture).
 The images are smooth synthetic scenes (not noise), so JPEG sizes are realistic. With no
 ``LINEGUARD_REDIS__URL`` an embedded Valkey is started; on an external server the benchmark
@@ -37,19 +37,19 @@ from rich.table import Table
 from lineguard.engines.errors import LineguardError
 from lineguard.stream.bus import Bus, connect
 from lineguard.stream.decide import STAGES
-from lineguard.stream.harness import (
+from lineguard.stream.feed import EventCollector, events_cursor, send_source
+from lineguard.stream.ingest import bundle_input_size
+from lineguard.stream.run import LocalPipeline, Mode
+from lineguard.stream.server import redis_url_for
+from lineguard.stream.settings import Settings, redacted_url
+from lineguard.stream.sources import ArraySource
+from lineguard.stream.tools.harness import (
     bundle_or_untrained,
     delete_prefix,
     run_prefix,
     scores_by_seq,
     with_sections,
 )
-from lineguard.stream.ingest import bundle_input_size
-from lineguard.stream.replay import EventCollector, events_cursor, send_source
-from lineguard.stream.run import LocalPipeline, Mode
-from lineguard.stream.server import redis_url_for
-from lineguard.stream.settings import Settings, redacted_url
-from lineguard.stream.sources import ArraySource
 
 BENCH_CAMERA = "bench"
 
@@ -261,7 +261,7 @@ class _PageViewer:
 
 
 def _runtime_used(runtime: str, device: str, bundle: Path) -> str:
-    """What ``auto`` resolves to for this bundle (mirrors ``lineguard.stream.infer.resolve_runtime``)."""
+    """What ``auto`` resolves to for this bundle (mirrors ``infer.resolve_runtime``)."""
     if runtime != "auto":
         return runtime
     has_onnx = (bundle / "model.onnx").is_file()
