@@ -25,6 +25,7 @@ from lineguard.offline.synth import (
     sample_good,
     scene_rng,
 )
+from lineguard.offline.synth import writer as synth_writer
 from tests.offline.conftest import TINY_COUNTS, make_tiny
 
 FOLDERS = {
@@ -260,7 +261,7 @@ def test_refuses_to_write_into_a_foreign_folder(tmp_path: Path) -> None:
 
 
 def test_names_sort_in_index_order() -> None:
-    assert synth._name(7, 10) == "007"
-    assert synth._name(7, 1500) == "0007"
-    names = [synth._name(i, 1001) for i in range(1001)]
+    assert synth_writer._name(7, 10) == "007"
+    assert synth_writer._name(7, 1500) == "0007"
+    names = [synth_writer._name(i, 1001) for i in range(1001)]
     assert names == sorted(names)
