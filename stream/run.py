@@ -272,6 +272,7 @@ def run_line(
     *,
     rate: float | None = None,
     loop: bool = False,
+    limit: int | None = None,
     size: int | None = None,
     record: str | Path | None = None,
     mode: Mode = "threads",
@@ -285,8 +286,9 @@ def run_line(
     on_event: Callable[[Event], None] | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> RunSummary:
-    """``lineguard run``: workers here, ``source_spec`` fed through them until it ends (or a
-    signal arrives), then every sent frame's event awaited before the workers stop."""
+    """``lineguard run``: workers here, ``source_spec`` fed through them until it ends (or
+    ``limit`` frames are sent, or a signal arrives), then every sent frame's event awaited
+    before the workers stop."""
     bundle = Path(bundle)
     size = size or bundle_input_size(bundle)
     stop = StopFlag()
@@ -318,8 +320,8 @@ def run_line(
                             pipeline.check()
 
                     sent = send_source(
-                        bus, settings, source, size=size, fps=rate, record=record, stop=stop,
-                        on_sent=health,
+                        bus, settings, source, size=size, fps=rate, record=record, limit=limit,
+                        stop=stop, on_sent=health,
                     )  # fmt: skip
                     log.info("run.source_done", sent=sent.count, camera=sent.camera)
                     collector.wait_for(sent.seqs, drain_timeout_s, check=pipeline.check)

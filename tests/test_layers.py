@@ -57,8 +57,14 @@ def _imports(path: Path, *, typing: bool = True) -> set[str]:
             if node.level:
                 raise AssertionError(f"{path}: relative import; use lineguard.… names")
             if node.module.startswith("lineguard."):
-                found.add(node.module)
+                # ``from package import submodule`` depends on the submodule (the package is
+                # already loading when its own __init__ does this), a name on the module
+                subs = {f"{node.module}.{a.name}" for a in node.names} & MODULES
+                found.update(subs or {node.module})
     return found
+
+
+MODULES = {_module_name(p) for folder in FOLDERS for p in (ROOT / folder).rglob("*.py")}
 
 
 def _graph(*, typing: bool = True) -> dict[str, set[str]]:

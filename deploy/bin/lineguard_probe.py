@@ -6,7 +6,7 @@ worker of the line has a live heartbeat, wherever it runs. That is the right que
 operator, but the wrong one for a container probe: a hung pod would stay "healthy" as long
 as a peer lives, and a new pod would be "ready" before it has loaded its model (so a rolling
 update could stop the old pod while the new one is still building its TensorRT engine). This
-probe asks ``lineguard health --json`` for the line's heartbeats and keeps only those written
+probe asks ``lineguard health --format json`` for the line's heartbeats and keeps only those written
 from this host name (a pod's or a container's own), optionally of one stage.
 
 Usage (installed as ``lineguard-probe`` in the images)::
@@ -30,7 +30,7 @@ TIMEOUT_S = 20.0
 
 def health_command(stage: str) -> list[str]:
     """The ``lineguard health`` call; ``--stage ''`` requires no stage, so it only reports."""
-    return ["lineguard", "--log-level", "error", "health", "--stage", stage, "--json"]
+    return ["lineguard", "--log-level", "error", "health", "--stage", stage, "--format", "json"]
 
 
 def main(argv: list[str]) -> int:

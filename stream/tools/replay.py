@@ -1,8 +1,8 @@
 """Send a finite source through a running pipeline and wait until every frame has its event.
 
-``lineguard replay SOURCE`` is a producer and an observer, not a worker: it sends the frames of
-an image folder, video file or recording (made with ``lineguard ingest --record DIR``) with the
-ingest stage's own code, remembers which sequence numbers it used, then follows the events
+``lineguard replay --source SOURCE`` is a producer and an observer, not a worker: it sends the
+frames of an image folder, video file or recording (made with ``lineguard ingest --record DIR``)
+with the ingest stage's own code, remembers which sequence numbers it used, then follows the events
 stream until each of them has a verdict (``--burst`` semantics) or the timeout passes. The
 infer and decide workers must already be running against ``LINEGUARD_REDIS__URL``;
 ``lineguard run`` is the one-box variant that starts them too.
@@ -59,7 +59,7 @@ def replay(
         with open_source(source_spec, loop=loop) as source:
             sent = send_source(
                 bus, settings, source, size=size, fps=rate, record=record, limit=limit, stop=stop
-            )
+            )  # fmt: skip
         events, counts = wait_for_events(
             bus,
             sent.camera,

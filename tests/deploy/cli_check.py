@@ -1,7 +1,8 @@
-"""Check a ``lineguard …`` command line against the real CLI, through its ``--help``: every
-subcommand on the way is listed by its parent's help, the final help exits 0 and lists every
-option used, and values with a fixed set of choices (runtime, precision, device, rate) are ones
-the workers accept."""
+"""Check a ``lineguard …`` command line against the real CLI: every subcommand on the way
+exists, every ``--help`` on the way exits 0, every option used is one the command declares
+(read from the click command tree the help is printed from, not from the help's layout), and
+values with a fixed set of choices (runtime, precision, device, rate) are ones the workers
+accept."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import typer
 from typer.testing import CliRunner
 
 from lineguard.engines.runtimes.base import PRECISIONS
@@ -22,13 +24,6 @@ from tests.deploy.deploy_files import DEPLOY
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 STAGES = ("ingest", "infer", "decide")
 
-# Rows of typer's rich help panels: "│ [*] --name [-n] [--no-name] <type> help │" and
-# "│ name  description │"; a panel starts with "╭─ Title ─".
-_PANEL = re.compile(r"^╭─ (\w+) ─")
-_OPTION_ROW = re.compile(r"^│\s+(?:\*\s+)?(--[\w-]+)((?:\s+-{1,2}[\w-]+)*)\s+<(\w+)>")
-_COMMAND_ROW = re.compile(r"^│ (\S+)\s{2,}\S")
-_ARGUMENT_ROW = re.compile(r"^│\s+(\*)?\s+(\w+)\s+<(\w+)>")
-
 
 @dataclass
 class HelpInfo:
@@ -37,29 +32,34 @@ class HelpInfo:
     options: dict[str, bool] = field(default_factory=dict)  # name or alias -> takes a value
     commands: set[str] = field(default_factory=set)
     required_arguments: int = 0
+    settings_options: set[str] = field(default_factory=set)  # flags that override a setting
 
 
 @functools.cache
 def help_info(path: tuple[str, ...]) -> HelpInfo:
-    """``lineguard PATH --help``, run in-process and wide enough that nothing is cut."""
-    result = CliRunner().invoke(
-        app, [*path, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
-    )
+    """What ``lineguard PATH --help`` offers: its options (and whether each takes a value),
+    subcommands and required arguments, read from the click command the help is printed
+    from; the help itself is run too, so a command whose help breaks is caught."""
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
     info = HelpInfo(result.exit_code, result.output)
-    panel = ""
-    for line in result.output.splitlines():
-        m = _PANEL.match(line)
-        if m:
-            panel = m.group(1)
-            continue
-        if panel == "Options" and (m := _OPTION_ROW.match(line)):
-            takes_value = m.group(3) != "bool"
-            for name in [m.group(1), *m.group(2).split()]:
-                info.options[name] = takes_value
-        elif panel == "Commands" and (m := _COMMAND_ROW.match(line)):
-            info.commands.add(m.group(1))
-        elif panel == "Arguments" and (m := _ARGUMENT_ROW.match(line)):
-            info.required_arguments += m.group(1) is not None
+    command: Any = typer.main.get_command(app)
+    for name in path:
+        group = command if hasattr(command, "commands") else None
+        command = None if group is None else group.commands.get(name)
+    if command is None:
+        info.exit_code = info.exit_code or 2
+        return info
+    info.options["--help"] = False
+    for param in command.params:
+        if param.param_type_name == "option":
+            for name in (*param.opts, *param.secondary_opts):
+                info.options[name] = not (param.is_flag or param.count)
+            if "[env var: LINEGUARD_" in (param.help or "") or param.envvar:
+                info.settings_options.update(param.opts)
+        elif param.param_type_name == "argument" and param.required:
+            info.required_arguments += 1
+    if hasattr(command, "commands"):
+        info.commands = set(command.commands)
     return info
 
 
@@ -71,7 +71,7 @@ class Parsed:
 
 
 def parse_lineguard(args: tuple[str, ...]) -> Parsed:
-    """Walk ``args`` the way the CLI would, using only what each ``--help`` says."""
+    """Walk ``args`` the way the CLI would, one command level at a time."""
     out = Parsed()
     info = help_info(())
     arguments = 0

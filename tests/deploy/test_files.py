@@ -258,12 +258,7 @@ def test_worker_commands_carry_no_settings_flags(
     compose: dict[str, Any], k8s_docs: list[tuple[Path, dict[str, Any]]]
 ) -> None:
     """Settings come from the environment only; a flag would hide what the env file says."""
-    settings_flags = {
-        name
-        for cmd in STAGES
-        for name in help_info((cmd,)).options
-        if re.search(rf"{name}\s+(?:-\w\s+)?<\w+>[^│]*\(LINEGUARD_", help_info((cmd,)).text)
-    }
+    settings_flags = {name for cmd in STAGES for name in help_info((cmd,)).settings_options}
     assert {"--line", "--max-batch", "--metrics-port"} <= settings_flags
     for c in all_commands(compose, k8s_docs):
         used = settings_flags.intersection(c.args)

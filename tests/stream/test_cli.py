@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from lineguard.stream.bus import Bus
@@ -17,11 +20,17 @@ from lineguard.stream.protocol import Event
 from lineguard.stream.worker import Heartbeat
 from tests.stream.pipeline_helpers import all_events, split_bundle, write_folder
 
-COMMANDS = [
-    ["run"], ["ingest"], ["infer"], ["decide"], ["replay"], ["events"], ["health"], ["demo"],
-    ["bench", "e2e"], ["bench", "model"], ["bench", "knn"],
-    ["train"], ["refit"], ["evaluate"], ["fewshot-curve"],
-]  # fmt: skip
+
+def _command_paths(command: Any, path: tuple[str, ...] = ()) -> list[list[str]]:
+    """Every command and group of the CLI, as the words that reach it."""
+    found = [list(path)]
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            found += _command_paths(sub, (*path, name))
+    return found
+
+
+COMMANDS = _command_paths(typer.main.get_command(app))
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +52,53 @@ def env_for(bus: Bus, url: str, **extra: str) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_every_command_has_help(command: list[str]) -> None:
-    result = CliRunner().invoke(app, [*command, "--help"])
+def test_the_tree_has_every_command() -> None:
+    """The sub-apps joined into one tree: top-level verbs and both groups, nothing nested."""
+    names = {" ".join(c) for c in COMMANDS}
+    expected = {"run", "ingest", "infer", "decide", "replay", "events", "health", "dashboard"}
+    expected |= {"demo", "synth", "train", "evaluate", "refit", "fewshot-curve"}
+    expected |= {"bench model", "bench knn", "bench e2e", "bench soak", "bundle info"}
+    assert expected <= names, expected - names
+    assert all(len(c) <= 2 for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "lineguard")
+def test_every_help_fits_an_80_column_terminal(command: list[str]) -> None:
+    """Tried as a user in an 80-column terminal: help exits 0, no line is cut or overflows,
+    no ``<bool>`` type column, and every environment variable a help names is whole."""
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.output
+    assert "<bool>" not in result.output and "…[" not in result.output
+    text = " ".join(line.strip() for line in lines)
+    for var in re.findall(r"LINEGUARD_\w+", text):
+        assert var.rstrip("_").count("__") == 1, (var, result.output)  # not cut at a wrap
+        section = var.split("__")[0].removeprefix("LINEGUARD_").lower()
+        assert section in {"line", "infer", "ingest", "metrics", "log", "redis", "dashboard"}
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [(["run"], "--limit"), (["replay"], "--source"), (["events"], "--format"),
+     (["health"], "--format"), (["ingest"], "--limit")],
+)  # fmt: skip
+def test_options_are_consistent_across_commands(command: list[str], flag: str) -> None:
+    """One spelling per option: --source everywhere, --json always a PATH, --format for
+    stdout, --limit and --show (default rejects) on run and replay alike."""
+    root = typer.main.get_command(app)
+    cmd = root.commands[command[0]]
+    opts = {o: p for p in cmd.params if p.param_type_name == "option" for o in p.opts}
+    assert flag in opts
+    for name in ("run", "replay"):
+        show = next(p for p in root.commands[name].params if p.name == "show")
+        assert show.default == "rejects"
+    for name, sub in root.commands.items():
+        for p in sub.params:
+            if "--json" in p.opts:
+                assert p.param_type_name == "option" and not p.is_flag, name
+            assert p.param_type_name == "option" or p.name != "source", name
 
 
 @pytest.mark.parametrize(
@@ -57,7 +108,7 @@ def test_every_command_has_help(command: list[str]) -> None:
         ({"LINEGUARD_REDIS__URL": "http://x"}, ["health"], "LINEGUARD_REDIS__URL"),
         ({}, ["infer", "--bundle", "b", "--max-delay-ms", "-3"], "LINEGUARD_INFER__MAX_DELAY_MS"),
         ({}, ["events"], "LINEGUARD_REDIS__URL"),
-        ({}, ["replay", "somewhere"], "LINEGUARD_REDIS__URL"),
+        ({}, ["replay", "--source", "somewhere"], "LINEGUARD_REDIS__URL"),
         ({}, ["run", "--bundle", "nope", "--source", "x"], "nope"),
         ({}, ["bench", "e2e", "--rate", "fast"], "rate"),
         ({}, ["refit", "nope", "data", "--out", "x"], "nope"),
@@ -91,7 +142,7 @@ def test_health_reflects_worker_heartbeats(bus: Bus, redis_url: str) -> None:
     beats = [Heartbeat(bus, Fake(s), interval_s=1, ttl_s=5) for s in ("infer", "decide")]  # type: ignore[arg-type]
     for b in beats:
         b.beat(force=True)
-    result = runner.invoke(app, ["health", "--json"])
+    result = runner.invoke(app, ["health", "--format", "json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["ok"] and {w["stage"] for w in data["workers"]} == {"infer", "decide"}
@@ -108,7 +159,9 @@ def test_events_prints_the_last_ones_as_json(bus: Bus, redis_url: str) -> None:
             {"total": 0.01}, "" if verdict == "pass" else "why", time.time(), time.time(),
         )  # fmt: skip
         bus.add("events", ev)
-    result = CliRunner(env=env_for(bus, redis_url)).invoke(app, ["events", "--json", "--last", "2"])
+    result = CliRunner(env=env_for(bus, redis_url)).invoke(
+        app, ["events", "--format", "json", "--last", "2"]
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(x) for x in result.output.splitlines()]
     assert [(r["seq"], r["verdict"]) for r in rows] == [(1, "fail"), (2, "uninspected")]

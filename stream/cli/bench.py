@@ -1,0 +1,268 @@
+"""``lineguard bench``: benchmarks that print a table and write JSON — the model alone per
+runtime and batch (``model``), the patch-bank search (``knn``), the whole line through Redis
+(``e2e``) and a long run at a fixed rate (``soak``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lineguard.stream.cli.common import (
+    console,
+    err_console,
+    friendly_errors,
+    load_settings,
+    split_list,
+    write_json,
+)
+from lineguard.stream.cli.options import (
+    BenchBundleOpt,
+    DeviceOpt,
+    EncodingOpt,
+    JsonOpt,
+    MaxBatchOpt,
+    MaxDelayOpt,
+    RateOpt,
+    RuntimeOpt,
+    WorkersOpt,
+)
+
+app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
+
+MinTimeOpt = Annotated[float, typer.Option(metavar="S", help="Seconds to time each configuration.")]
+
+
+@app.command("model")
+@friendly_errors
+def bench_model_cmd(
+    backbone: Annotated[
+        str, typer.Option(metavar="NAME,…", help="Backbones to time.")
+    ] = "efficientnet_lite0",
+    runtime: Annotated[
+        str, typer.Option(metavar="RT,…", help="Runtimes: torch, onnxruntime, tensorrt.")
+    ] = "torch,onnxruntime",
+    batch: Annotated[str, typer.Option(metavar="N,…", help="Batch sizes.")] = "1,8,32",
+    device: DeviceOpt = "cpu",
+    precision: Annotated[str, typer.Option(metavar="P,…", help="Precisions: fp32, fp16.")] = "fp32",
+    bundle: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="Time this bundle instead of a fresh model."),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(metavar="lite|paper", help="Default: by backbone.")
+    ] = None,
+    input_size: Annotated[int, typer.Option(metavar="PX", help="Square input size.")] = 256,
+    min_time: MinTimeOpt = 3.0,
+    cuda_graphs: Annotated[
+        str, typer.Option(metavar="on|off|on,off", help="CUDA graphs for torch on CUDA.")
+    ] = "on",
+    json_path: JsonOpt = None,
+) -> None:
+    """Time the fused model per runtime and batch size (images/s, p50/p99 ms per batch)."""
+    from lineguard.engines.bench.model import bench_model, rows_to_json
+
+    graphs = [g == "on" for g in split_list(cuda_graphs)]
+    rows = bench_model(
+        backbones=split_list(backbone),
+        runtimes=split_list(runtime),
+        batches=split_list(batch, int),
+        device=device,
+        precisions=split_list(precision),
+        bundle=bundle,
+        profile=profile,
+        input_size=input_size,
+        min_time_s=min_time,
+        cuda_graphs=graphs,
+        progress=lambda msg: err_console.print(f"[dim]timing {msg}…[/dim]"),
+    )
+    table = Table(title="lineguard bench model")
+    columns = ("backbone", "profile", "runtime", "device", "precision", "batch", "images/s")
+    for col in (*columns, "p50 ms", "p99 ms", "GFLOP/img", "note"):
+        numeric = col in ("batch", "images/s", "p50 ms", "p99 ms", "GFLOP/img")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r.backbone,
+            r.profile,
+            r.runtime,
+            r.device,
+            r.precision,
+            str(r.batch),
+            f"{r.images_per_s:.1f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            f"{r.gflop_per_image:.2f}",
+            r.note,
+        )
+    console.print(table)
+    write_json(json_path, rows_to_json(rows))
+
+
+@app.command("knn")
+@friendly_errors
+def bench_knn_cmd(
+    sizes: Annotated[str, typer.Option(metavar="N,…", help="Bank sizes.")] = (
+        "1024,4096,16384,65536,262144"
+    ),
+    methods: Annotated[
+        str,
+        typer.Option(
+            metavar="M,…",
+            help="graph-torch, graph-onnxruntime, faiss-flat, faiss-ivf, faiss-hnsw.",
+        ),
+    ] = "graph-torch,graph-onnxruntime,faiss-flat,faiss-ivf,faiss-hnsw",
+    dim: Annotated[
+        int, typer.Option(metavar="D", help="Descriptor size (lite0's patch bank: 64).")
+    ] = 64,
+    queries: Annotated[
+        int, typer.Option(metavar="N", help="Patches per image (64×64 map: 4096).")
+    ] = 4096,
+    min_time: MinTimeOpt = 2.0,
+    json_path: JsonOpt = None,
+) -> None:
+    """Patch-bank search: in-graph matrix product vs faiss, per bank size, and the crossover."""
+    from lineguard.engines.bench.knn import bench_knn, crossover, rows_to_json
+
+    rows = bench_knn(
+        split_list(sizes, int),
+        dim=dim,
+        queries=queries,
+        methods=tuple(split_list(methods)),
+        min_time_s=min_time,
+        progress=lambda msg: err_console.print(f"[dim]timing {msg}…[/dim]"),
+    )
+    table = Table(title=f"lineguard bench knn ({queries} queries of dim {dim} per image)")
+    for col in ("method", "bank", "ms/image p50", "p99 ms", "build s", "recall"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r.method,
+            str(r.bank),
+            f"{r.ms_per_image:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.build_s:.2f}",
+            f"{r.recall:.3f}",
+        )
+    console.print(table)
+    for method, size in crossover(rows).items():
+        console.print(
+            f"{method} beats the in-graph search from bank size {size}"
+            if size
+            else f"{method} never beats the in-graph search at these sizes"
+        )
+    write_json(json_path, rows_to_json(rows))
+
+
+@app.command("e2e")
+@friendly_errors
+def bench_e2e_cmd(
+    frames: Annotated[
+        int, typer.Option(metavar="N", help="Frames to time (after the warm-up).")
+    ] = 300,
+    rate: RateOpt = "max",
+    bundle: BenchBundleOpt = None,
+    runtime: RuntimeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    max_batch: MaxBatchOpt = None,
+    max_delay_ms: MaxDelayOpt = None,
+    workers: WorkersOpt = "threads",
+    encoding: EncodingOpt = None,
+    warmup: Annotated[int, typer.Option(metavar="N", help="Untimed frames sent first.")] = 16,
+    dashboard: Annotated[
+        bool,
+        typer.Option(
+            help="Serve the dashboard (with anomaly maps) and keep a simulated viewer on it, "
+            "to measure what an open page costs."
+        ),
+    ] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Throughput and capture→event latency through Redis, with a per-stage breakdown."""
+    from lineguard.stream.ingest import parse_rate
+    from lineguard.stream.tools.bench_e2e import bench_e2e, result_table
+
+    settings = load_settings(
+        {
+            "ingest.encoding": encoding,
+            "infer.max_batch": max_batch,
+            "infer.max_delay_ms": max_delay_ms,
+        },
+        quiet=True,
+    )
+    result = bench_e2e(
+        settings,
+        frames=frames,
+        rate=parse_rate(rate),
+        bundle=bundle,
+        runtime=runtime,
+        device=device,
+        mode=workers,
+        warmup=warmup,
+        progress=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+        dashboard=dashboard,
+    )
+    console.print(result_table(result))
+    write_json(json_path, result)
+
+
+@app.command("soak")
+@friendly_errors
+def bench_soak_cmd(
+    minutes: Annotated[float, typer.Option(metavar="MIN", help="How long to run the line.")] = 20.0,
+    rate: Annotated[
+        float, typer.Option(metavar="FPS", help="Frames per second sent by ingest.")
+    ] = 5.0,
+    bundle: BenchBundleOpt = None,
+    runtime: RuntimeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    report_s: Annotated[
+        float, typer.Option(metavar="S", help="Seconds between progress lines.")
+    ] = 60.0,
+    sample_s: Annotated[
+        float, typer.Option(metavar="S", help="Seconds between memory samples.")
+    ] = 5.0,
+    max_growth: Annotated[
+        float,
+        typer.Option(metavar="MIB", help="Fail above this RSS growth (MiB/min, second half)."),
+    ] = 1.0,
+    json_path: JsonOpt = None,
+) -> None:
+    """The whole line as processes at a fixed rate: memory, queues, p99 and verdict
+    accounting once a minute; exit 1 if memory grows without bound or the counts do not add
+    up."""
+    from lineguard.stream.tools.soak import soak
+
+    settings = load_settings({}, quiet=True)
+    result = soak(
+        settings,
+        minutes=minutes,
+        rate=rate,
+        bundle=bundle,
+        runtime=runtime,
+        device=device,
+        sample_s=sample_s,
+        report_s=report_s,
+        max_growth_mib_per_min=max_growth,
+        say=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
+    )
+    write_json(json_path, result)
+    v, rss = result["verdicts"], result["rss_mib"]
+    console.print(
+        f"soak: {result['minutes']:g} min at {result['rate']:g} frames/s, sent {result['sent']} = "
+        f"pass {v['pass']} + fail {v['fail']} + uninspected {v['uninspected']} + error "
+        f"{v['error']}; missing {result['missing']}, duplicates {result['duplicates']}; "
+        f"p99 {result['latency_ms']['p99']} ms; RSS MiB "
+        + ", ".join(
+            f"{w} {r['start']} → {r['end']} ({r['growth_mib_per_min']} MiB/min)"
+            for w, r in rss.items()
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not result["ok"]:
+        for problem in result["problems"]:
+            err_console.print(f"[red]soak failed:[/red] {problem}", highlight=False)
+        raise typer.Exit(code=1)

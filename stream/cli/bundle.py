@@ -1,0 +1,41 @@
+"""``lineguard bundle``: look inside a model bundle and verify it before a line loads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lineguard.stream.cli.common import console, friendly_errors
+
+app = typer.Typer(help="Inspect and verify model bundles.", no_args_is_help=True)
+
+
+@app.command("info")
+@friendly_errors
+def bundle_info(
+    bundle_dir: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory.")],
+) -> None:
+    """Verify a bundle (schema, files, hashes) and show what it contains."""
+    from lineguard.engines.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    cal = bundle.calibration
+    table = Table(title=f"bundle {bundle.path}", show_header=False)
+    table.add_row("model version", bundle.version)
+    table.add_row("backbone / profile", f"{bundle.config.backbone} / {bundle.config.profile}")
+    table.add_row("input size", str(bundle.config.input_size))
+    table.add_row("classes", ", ".join(bundle.config.class_names))
+    table.add_row("branches", ", ".join(bundle.branches))
+    for name, mu, sigma in zip(cal.branches, cal.mu, cal.sigma, strict=True):
+        table.add_row(f"  {name}", f"μ={mu:.4g} σ={sigma:.4g}")
+    table.add_row(
+        "fusion",
+        f"{cal.method}, {cal.combine}, threshold {cal.threshold:.4g} (target FRR {cal.target_frr})",
+    )
+    table.add_row("files", ", ".join(bundle.manifest["files"]))
+    table.add_row("created", str(bundle.manifest.get("created")))
+    console.print(table)
+    console.print("[green]verified[/green]: schema, files and sha256 hashes match the manifest")
