@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from lineguard.engines.backbones import backbone_spec, create_backbone
 from lineguard.engines.banks import FewShotBank, ImageBank, class_shares, composition
+from lineguard.engines.codec import FrameCodec
 from lineguard.engines.errors import ConfigError, InputError
 from lineguard.engines.histogram import PatchHistogram
 from lineguard.engines.knn import PatchBank, patch_descriptors
@@ -71,6 +72,9 @@ class ModelConfig:
     patch_search: str = "graph"  # patch bank search: in the graph, or faiss-flat|ivf|hnsw after it
     position_prior: bool = False  # subtract good parts' mean map per position before the max
     position_scale: bool = False  # and divide the LGST map by their spread there (needs prior)
+    # The frame round trip that training, the banks and calibration saw ("raw", "png",
+    # "jpeg:Q"); the line sends frames this way by default. Bundles from before it: lossless.
+    frame_codec: str = "raw"
 
     @staticmethod
     def position_scale_for(prior: bool, asked: bool | None, default: bool) -> bool:
@@ -109,6 +113,12 @@ class ModelConfig:
             )
         if self.comp_bank and self.num_classes < 2:
             raise ConfigError("comp_bank needs at least one component class")
+        FrameCodec.parse(self.frame_codec)  # raises on a bad spec
+
+    @property
+    def codec(self) -> FrameCodec:
+        """The frame encoding this model was calibrated for (see ``lineguard.engines.codec``)."""
+        return FrameCodec.parse(self.frame_codec)
 
     @property
     def branches(self) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from lineguard.engines.codec import FrameCodec
 from lineguard.engines.errors import ConfigError, LineguardError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -308,11 +309,13 @@ def _resize(img: np.ndarray, hw: tuple[int, int] | None, nearest: bool = False) 
     return cv2.resize(img, (hw[1], hw[0]), interpolation=interp)
 
 
-def load_image(path: Path | str, size: Size = None) -> np.ndarray:
-    """An image as uint8 ``H x W x 3`` RGB, resized to ``size`` (int or (height, width)).
+def load_image(path: Path | str, size: Size = None, codec: FrameCodec | None = None) -> np.ndarray:
+    """An image as uint8 ``H x W x 3`` RGB, resized to ``size`` (int or (height, width)), then
+    through ``codec``'s round trip if given: the pixels the line's model sees for this file.
 
     Grayscale is replicated to three channels, 16-bit and float images are scaled to 8 bits,
-    alpha is dropped. Shrinking uses area averaging (no aliasing), enlarging bilinear.
+    alpha is dropped. Shrinking uses area averaging (no aliasing), enlarging bilinear — as
+    ingest resizes before it encodes.
     """
     p = Path(path)
     hw = _target(size)
@@ -327,7 +330,8 @@ def load_image(path: Path | str, size: Size = None) -> np.ndarray:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     else:
         raise ImageReadError(f"image file {p} has {img.shape[2]} channels: save it as RGB or gray")
-    return np.ascontiguousarray(_resize(img, hw))
+    out = np.ascontiguousarray(_resize(img, hw))
+    return out if codec is None else codec.round_trip(out)
 
 
 def _read_mask(path: Path) -> np.ndarray:

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from lineguard.engines.bundle import Bundle, load_bundle
+from lineguard.engines.codec import FrameCodec
 from lineguard.engines.errors import LineguardError
 from lineguard.engines.runtimes import open_runtime
 from lineguard.offline.datasets import Sample, load_image, load_mask, open_dataset
@@ -211,6 +212,24 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
+def per_image(
+    samples: list[Sample], raw: np.ndarray, fused: np.ndarray, branches: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Every test image's raw branch scores and fused score, so anyone can recompute the
+    metrics or compare one file's score with what the line gave it."""
+    return [
+        {
+            "path": str(s.path),
+            "label": s.label,
+            "type": s.anomaly_type,
+            "defect": s.defect,
+            "scores": {b: float(v) for b, v in zip(branches, row, strict=True)},
+            "fused": float(f),
+        }
+        for s, row, f in zip(samples, raw, fused, strict=True)
+    ]
+
+
 def evaluate_bundle(
     bundle_dir: Path | str,
     data_dir: Path | str,
@@ -219,9 +238,15 @@ def evaluate_bundle(
     out_dir: Path | str | None = None,
     batch: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    frame_codec: str | None = None,
 ) -> Evaluation:
-    """Score every test image of ``data_dir`` with the bundle and write metrics and a report."""
+    """Score every test image of ``data_dir`` with the bundle and write metrics and a report.
+
+    Each file goes through ``frame_codec`` (default: the bundle's, which is what ingest sends
+    by default) so the scores are the line's; pass another to see what a camera sending
+    ``raw``/``png``/``jpeg:Q`` would get."""
     bundle = load_bundle(bundle_dir)
+    codec = bundle.config.codec if frame_codec is None else FrameCodec.parse(frame_codec)
     dataset = open_dataset(data_dir)
     samples = list(dataset.test)
     if not samples:
@@ -230,7 +255,7 @@ def evaluate_bundle(
         )
     size = bundle.config.input_size
     rt = open_runtime(bundle, kind=runtime, max_batch=batch)
-    images = np.stack([load_image(s.path, size) for s in samples])
+    images = np.stack([load_image(s.path, size, codec) for s in samples])
     scores, maps, segs = [], [], []
     for i in range(0, len(samples), batch):
         out = rt.run(images[i : i + batch])
@@ -244,7 +269,9 @@ def evaluate_bundle(
     fused = bundle.calibration.fuse(raw)
     metrics = compute_metrics(samples, raw, fused, bundle.branches, bundle.calibration.threshold)
     metrics["bundle"] = bundle.version
+    metrics["frame_codec"] = codec.spec
     metrics["dataset"] = str(Path(data_dir).resolve())
+    metrics["images"] = per_image(samples, raw, fused, bundle.branches)
     evaluation = Evaluation(metrics, samples, raw, fused)
     target = (
         Path(out_dir)

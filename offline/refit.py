@@ -54,8 +54,9 @@ def refit_bundle(
     size = source.config.input_size
     train = dataset.train if max_train is None else dataset.train[:max_train]
     log(f"reading {len(train)} training and {len(dataset.validation)} validation images")
-    train_images = np.stack([load_image(s.path, size) for s in train])
-    val_images = np.stack([load_image(s.path, size) for s in dataset.validation])
+    codec = source.config.codec  # the round trip the bundle was trained and calibrated for
+    train_images = np.stack([load_image(s.path, size, codec) for s in train])
+    val_images = np.stack([load_image(s.path, size, codec) for s in dataset.validation])
     old = source.config
 
     def images_if(on: bool | None, current: int) -> int:

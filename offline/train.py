@@ -5,7 +5,9 @@ to the bundle (``<out>.work/``): pseudo-labels, segmentation, LGST, memory banks
 Killing the run and starting it again continues after the last finished stage; a work
 directory written for different data or settings is refused rather than silently mixed in
 (``restart=True`` clears it). Only good images are used: train for fitting, validation for
-calibration. Test images are never read here.
+calibration. Test images are never read here. Every image goes through the frame codec the
+line will use (default JPEG at quality 90, as ingest sends) before any stage sees it, and the
+bundle records it: the banks and the threshold then describe the pixels the line scores.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
+from lineguard.engines.codec import FrameCodec
 from lineguard.engines.errors import ConfigError, LineguardError
 from lineguard.engines.model import CSADModel, ModelConfig
 from lineguard.offline.banks import BANK_BRANCHES, fit_banks
@@ -42,6 +45,9 @@ from lineguard.offline.seg_train import SegTrainConfig, train_segmentation
 
 STAGES = ("pseudo_labels", "segmentation", "lgst", "banks", "calibration")
 STATE = "state.json"
+# What ingest sends unless told otherwise; a bundle trained for it is scored on the line as
+# `evaluate` scores it.
+DEFAULT_FRAME_CODEC = "jpeg:90"
 
 
 @dataclass(frozen=True)
@@ -101,11 +107,17 @@ def _fingerprint(dataset: Dataset, config: dict[str, Any]) -> str:
 
 
 def _load_images(
-    samples: list, size: int, limit: int | None, note: Callable[[str], None]
+    samples: list,
+    size: int,
+    limit: int | None,
+    note: Callable[[str], None],
+    codec: FrameCodec,
 ) -> np.ndarray:
+    """The images as the line will deliver them: resized, then through the bus's codec."""
     chosen = samples if limit is None or len(samples) <= limit else samples[:limit]
-    note(f"reading {len(chosen)} images")
-    return np.stack([load_image(s.path, size) for s in chosen])
+    how = "" if codec.lossless else f" (as the line sends them: {codec.spec})"
+    note(f"reading {len(chosen)} images{how}")
+    return np.stack([load_image(s.path, size, codec) for s in chosen])
 
 
 def _user_labels(
@@ -167,6 +179,7 @@ def train_bundle(
     position_prior: bool | None = None,
     position_scale: bool | None = None,
     patch_search: str = "graph",
+    frame_codec: str = DEFAULT_FRAME_CODEC,
     progress: bool = True,
     restart: bool = False,
     log: Callable[[str], None] | None = None,
@@ -194,6 +207,7 @@ def train_bundle(
         raise ConfigError(
             f"device {device!r} asked for but torch sees no CUDA GPU: use --device cpu"
         )
+    codec = FrameCodec.parse(frame_codec)
     out = Path(out)
     work = out.with_name(out.name + ".work")
     dataset = open_dataset(data_dir)
@@ -204,6 +218,7 @@ def train_bundle(
         "preset": asdict(preset),
         "labels_dir": str(labels_dir) if labels_dir else None,
         "patch_search": patch_search,
+        "frame_codec": codec.spec,
         "mask_generator": type(mask_generator).__name__ if mask_generator else None,
     }
     fingerprint = _fingerprint(dataset, settings)
@@ -228,7 +243,7 @@ def train_bundle(
         state_path.write_text(json.dumps(state, indent=2))
 
     torch.manual_seed(0)
-    train_images = _load_images(dataset.train, input_size, preset.max_train, note)
+    train_images = _load_images(dataset.train, input_size, preset.max_train, note, codec)
     # --- 1. pseudo-labels -------------------------------------------------------------------
     labels_file = work / "pseudo_labels.safetensors"
     if "pseudo_labels" not in state["done"]:
@@ -276,6 +291,7 @@ def train_bundle(
         patch_search=patch_search,
         position_prior=preset.position_prior,
         position_scale=preset.position_scale,
+        frame_codec=codec.spec,
     )
     if preset.fewshot_shots > len(train_images):
         raise ConfigError(
@@ -355,7 +371,7 @@ def train_bundle(
     # --- 5. calibration -----------------------------------------------------------------------
     note("stage 5/5: calibration on validation goods")
     t0 = time.perf_counter()
-    val_images = _load_images(dataset.validation, input_size, None, note)
+    val_images = _load_images(dataset.validation, input_size, None, note, codec)
     model = model.cpu().eval()
     calibration, _ = calibrate(
         model,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lineguard.engines.codec import FrameCodec
 from lineguard.stream.bus import Bus, connect
 from lineguard.stream.ingest import Ingestor, Pacer, Sent
 from lineguard.stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
@@ -67,10 +68,12 @@ def send_source(
     limit: int | None = None,
     stop: StopFlag | None = None,
     on_sent: Callable[[Sent], None] | None = None,
+    codec: FrameCodec | None = None,
 ) -> SendResult:
-    """Send every capture of ``source`` (up to ``limit``) as the configured camera."""
+    """Send every capture of ``source`` (up to ``limit``) as the configured camera, encoded
+    as the settings say or else as ``codec`` (the bundle's) says."""
     recorder = Recorder(record) if record is not None else None
-    ingestor = Ingestor.from_settings(bus, settings, size=size, recorder=recorder)
+    ingestor = Ingestor.from_settings(bus, settings, size=size, recorder=recorder, codec=codec)
     pacer = Pacer(fps, stop)
     result = SendResult(camera=ingestor.camera, events_from=events_cursor(bus))
     try:

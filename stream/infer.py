@@ -164,6 +164,7 @@ class InferStage:
         self.device = device
         self.precision = precision
         self.consumer = consumer_name(consumer)
+        self._encodings_seen: set[tuple[str, str, str]] = set()
         self.maps = maps
         self.reload_interval_s = reload_interval_s
         self.model: LoadedModel | None = None
@@ -192,6 +193,28 @@ class InferStage:
         )
 
     # lifecycle ---------------------------------------------------------------------
+
+    def _check_encoding(self, frame: Frame, model: LoadedModel) -> None:
+        """Warn once per camera and model when frames arrive lossy for a bundle calibrated on
+        lossless frames or the other way round: a producer that ignored the bundle's codec
+        (ingest without --bundle, or a third-party sender). JPEG quality is not on the wire,
+        so a JPEG at another quality is ingest's to warn about."""
+        key = (frame.camera, frame.encoding, model.version)
+        if key in self._encodings_seen:
+            return
+        if len(self._encodings_seen) > 4096:  # forged camera names cannot grow it unbounded
+            self._encodings_seen.clear()
+        self._encodings_seen.add(key)
+        expected = model.bundle.config.codec
+        if (frame.encoding == "jpeg") != (expected.encoding == "jpeg"):
+            log.warning(
+                "infer.codec_mismatch",
+                camera=frame.camera,
+                frame_encoding=frame.encoding,
+                bundle=expected.spec,
+                hint="scores will differ from 'lineguard evaluate'; start ingest with "
+                "--bundle so it sends frames as the bundle was calibrated",
+            )
 
     def setup(self) -> None:
         self.bus.ensure_group("frames", self.cfg.group)
@@ -339,6 +362,7 @@ class InferStage:
                     log.warning("infer.bad_image", reason=exc.reason, error=str(exc))
                 results[i] = self._error(frame, e, model, f"cannot decode frame: {exc}", base)
                 continue
+            self._check_encoding(frame, model)
             if img.shape[:2] != (model.size, model.size):
                 img = resize_to(img, model.size)
             images.append(img)

@@ -28,11 +28,12 @@ import numpy as np
 import redis
 import structlog
 
+from lineguard.engines.codec import DEFAULT_JPEG_QUALITY, LOSSLESS, FrameCodec
 from lineguard.engines.errors import ConfigError, LineguardError
 from lineguard.stream.bus import Bus
 from lineguard.stream.metrics import get_metrics
 from lineguard.stream.protocol import ENTRY_FIELD, Encoding, Frame, encode, make_frame, resize_to
-from lineguard.stream.settings import Settings
+from lineguard.stream.settings import IngestSettings, Settings
 from lineguard.stream.sources import Capture, Recorder, Source
 from lineguard.stream.worker import StopFlag, line_key
 
@@ -65,16 +66,56 @@ class SeqConflictError(LineguardError):
     """Another producer advanced this camera's sequence number."""
 
 
-def bundle_input_size(path: str | Path) -> int:
-    """The square input size a bundle expects, read from its manifest without loading torch."""
+def _manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     manifest = Path(path) / "manifest.json"
     try:
-        data = json.loads(manifest.read_text())
+        return manifest, json.loads(manifest.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"cannot read {manifest} ({exc}); pass --bundle pointing at a lineguard bundle, "
             "or the input size with --size"
         ) from None
+
+
+def bundle_frame_codec(path: str | Path) -> FrameCodec:
+    """The frame encoding a bundle was trained and calibrated for (its manifest, no torch);
+    bundles from before it was recorded were calibrated on lossless images."""
+    manifest, data = _manifest(path)
+    spec = (data.get("model") or {}).get("frame_codec", LOSSLESS.spec)
+    if not isinstance(spec, str):
+        raise ConfigError(f"{manifest}: model.frame_codec must be a string like 'jpeg:90'")
+    return FrameCodec.parse(spec)
+
+
+def frame_codec_for(ingest: IngestSettings, bundle: FrameCodec | None) -> FrameCodec:
+    """What ingest sends: the bundle's codec unless the settings name one, with a warning
+    when they name one that delivers other pixels than the bundle was calibrated on (its
+    scores on the line would then differ from ``evaluate``'s)."""
+    default = bundle or FrameCodec()
+    encoding = ingest.encoding or default.encoding
+    if ingest.jpeg_quality is not None:
+        quality = ingest.jpeg_quality
+    elif default.encoding == "jpeg":
+        quality = default.jpeg_quality
+    else:
+        quality = DEFAULT_JPEG_QUALITY
+    codec = FrameCodec(encoding, quality)
+    if bundle is not None and not codec.same_pixels(bundle):
+        log.warning(
+            "ingest.codec_mismatch",
+            sending=codec.spec,
+            bundle=bundle.spec,
+            hint="the bundle was calibrated on frames sent as "
+            f"{bundle.spec}: scores will differ from 'lineguard evaluate'; leave "
+            "LINEGUARD_INGEST__ENCODING and __JPEG_QUALITY unset to send as the bundle "
+            "expects, or train with --encoding to match the camera",
+        )
+    return codec
+
+
+def bundle_input_size(path: str | Path) -> int:
+    """The square input size a bundle expects, read from its manifest without loading torch."""
+    manifest, data = _manifest(path)
     size: Any = (data.get("model") or {}).get("input_size")
     if size is None:
         size = ((data.get("preprocessing") or {}).get("input_size") or [None])[0]
@@ -148,13 +189,17 @@ class Ingestor:
         *,
         size: int | None,
         recorder: Recorder | None = None,
+        codec: FrameCodec | None = None,
     ) -> Ingestor:
+        """An ingestor as the settings say; ``codec`` is the bundle's (see
+        :func:`frame_codec_for`)."""
+        chosen = frame_codec_for(settings.ingest, codec)
         return cls(
             bus,
             camera=settings.line.camera,
             size=size,
-            encoding=settings.ingest.encoding,
-            jpeg_quality=settings.ingest.jpeg_quality,
+            encoding=chosen.encoding,
+            jpeg_quality=chosen.jpeg_quality,
             max_len=settings.ingest.max_len,
             recorder=recorder,
         )
@@ -254,6 +299,7 @@ class IngestStage:
         record: str | Path | None = None,
         limit: int | None = None,
         stop: StopFlag | None = None,
+        codec: FrameCodec | None = None,
     ) -> None:
         self.bus = bus
         self.settings = settings
@@ -262,7 +308,9 @@ class IngestStage:
         self.consumer = f"{settings.line.camera}"
         self.limit = limit
         self.recorder = Recorder(record) if record is not None else None
-        self.ingestor = Ingestor.from_settings(bus, settings, size=size, recorder=self.recorder)
+        self.ingestor = Ingestor.from_settings(
+            bus, settings, size=size, recorder=self.recorder, codec=codec
+        )
         self.pacer = Pacer(fps if fps is not None else settings.ingest.fps, stop)
         self._captures = iter(source)
         self._exhausted = False
@@ -277,6 +325,7 @@ class IngestStage:
             next_seq=self.ingestor.next_seq,
             size=self.size,
             encoding=self.ingestor.encoding,
+            jpeg_quality=self.ingestor.jpeg_quality if self.ingestor.encoding == "jpeg" else None,
         )
 
     def step(self) -> int:

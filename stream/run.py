@@ -31,7 +31,7 @@ from lineguard.stream.bus import Bus, connect, wait_for_server
 from lineguard.stream.decide import DecideStage
 from lineguard.stream.feed import EventCollector, RunSummary, events_cursor, send_source, summarise
 from lineguard.stream.infer import InferStage
-from lineguard.stream.ingest import bundle_input_size
+from lineguard.stream.ingest import bundle_frame_codec, bundle_input_size
 from lineguard.stream.metrics import serve_metrics
 from lineguard.stream.protocol import Event
 from lineguard.stream.server import redis_url_for
@@ -321,7 +321,7 @@ def run_line(
 
                     sent = send_source(
                         bus, settings, source, size=size, fps=rate, record=record, limit=limit,
-                        stop=stop, on_sent=health,
+                        stop=stop, on_sent=health, codec=bundle_frame_codec(bundle),
                     )  # fmt: skip
                     log.info("run.source_done", sent=sent.count, camera=sent.camera)
                     collector.wait_for(sent.seqs, drain_timeout_s, check=pipeline.check)

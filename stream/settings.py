@@ -191,11 +191,15 @@ class LineSettings(_Section):
 
 
 class IngestSettings(_Section):
-    """How frames are encoded and how many the frames stream keeps."""
+    """How frames are encoded and how many the frames stream keeps.
+
+    Encoding and quality left unset follow the bundle (what it was trained and calibrated on;
+    JPEG at 90 without a bundle); set them and ingest warns if the bundle expects other
+    pixels."""
 
     max_len: int = Field(default=1000, ge=1, description="MAXLEN ~ of the frames stream")
-    encoding: Literal["raw", "jpeg", "png"] = "jpeg"
-    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    encoding: Literal["raw", "jpeg", "png"] | None = None
+    jpeg_quality: int | None = Field(default=None, ge=1, le=100)
     fps: float | None = Field(
         default=None, gt=0, le=10_000, description="pace of replay; unset = as fast as possible"
     )

@@ -87,6 +87,7 @@ def synthetic_bundle(backbone: str, profile: str, input_size: int, directory: Pa
         profile=profile,
         input_size=input_size,
         class_names=("background", "c1", "c2", "c3", "c4", "c5"),
+        frame_codec="jpeg:90",  # what `lineguard train` records by default
     )
     weights: str | None = "imagenet" if backbone == "efficientnet_lite0" else None
     model = CSADModel(config, backbone_weights=weights).eval()

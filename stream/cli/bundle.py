@@ -27,6 +27,7 @@ def bundle_info(
     table.add_row("model version", bundle.version)
     table.add_row("backbone / profile", f"{bundle.config.backbone} / {bundle.config.profile}")
     table.add_row("input size", str(bundle.config.input_size))
+    table.add_row("frame codec", f"{bundle.config.codec.spec} (what ingest sends by default)")
     table.add_row("classes", ", ".join(bundle.config.class_names))
     table.add_row("branches", ", ".join(bundle.branches))
     for name, mu, sigma in zip(cal.branches, cal.mu, cal.sigma, strict=True):

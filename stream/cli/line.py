@@ -160,6 +160,7 @@ def ingest(
     from lineguard.stream.bus import Bus
     from lineguard.stream.ingest import (
         IngestStage,
+        bundle_frame_codec,
         bundle_input_size,
         parse_rate,
     )
@@ -177,6 +178,7 @@ def ingest(
     )
     if size is None and bundle is not None:
         size = bundle_input_size(bundle)
+    codec = None if bundle is None else bundle_frame_codec(bundle)
     client = external_client(settings, "ingest")
     stop_metrics = serve_metrics(settings.metrics.port, settings.metrics.addr)
     try:
@@ -192,6 +194,7 @@ def ingest(
             record=record,
             limit=limit,
             stop=stop,
+            codec=codec,
         )
         run_worker(stage, bus, stop=stop, burst=True)
         err_console.print(

@@ -18,7 +18,7 @@ from lineguard.stream.cli.common import (
     friendly_errors,
     write_json,
 )
-from lineguard.stream.cli.options import JsonOpt
+from lineguard.stream.cli.options import Encoding, JsonOpt
 
 app = typer.Typer()
 
@@ -56,6 +56,19 @@ PATCH_SEARCH_HELP = "Patch bank search: in the graph, or faiss after the engine.
 NORMALISATION_HELP = "Branch score normalisation: trimmed_z (CSAD) or loo_max (PSAD)."
 FUSION_HELP = "Combine normalised branch scores: max or sum (CSAD)."
 TARGET_FRR_HELP = "False-reject rate on good parts that the threshold aims at."
+JpegQualityOpt = Annotated[
+    int | None, typer.Option(metavar="Q", min=1, max=100, help="JPEG quality (1-100).")
+]
+
+
+def codec_spec(encoding: str | None, jpeg_quality: int | None) -> str | None:
+    """``--encoding``/``--jpeg-quality`` as a frame codec spec (``None``: both left out)."""
+    if encoding is None and jpeg_quality is None:
+        return None
+    encoding = encoding or "jpeg"
+    if encoding != "jpeg":
+        return encoding
+    return f"jpeg:{jpeg_quality or 90}"
 
 
 @app.command()
@@ -130,11 +143,18 @@ def train(
     patch_search: Annotated[PatchSearch, typer.Option(help=PATCH_SEARCH_HELP)] = "graph",
     position_prior: PositionPriorOpt = None,
     position_scale: PositionScaleOpt = None,
+    encoding: Annotated[
+        Encoding,
+        typer.Option(help="How the line will send frames; training sees them that way."),
+    ] = "jpeg",
+    jpeg_quality: JpegQualityOpt = None,
     restart: Annotated[bool, typer.Option(help="Discard finished stages and start over.")] = False,
 ) -> None:
     """Pseudo-labels → segmentation → LGST → memory banks → calibration → bundle.
 
-    Resumable: run it again after an interruption and finished stages are kept.
+    Resumable: run it again after an interruption and finished stages are kept. Every image
+    goes through --encoding first (default JPEG at quality 90, what ingest sends), and the
+    bundle records it: ingest then sends that way by default.
     """
     from lineguard.engines.allocator import keep_freed_memory
     from lineguard.offline.train import train_bundle
@@ -159,6 +179,7 @@ def train(
         patch_search=patch_search,
         position_prior=position_prior,
         position_scale=position_scale,
+        frame_codec=codec_spec(encoding, jpeg_quality) or "jpeg:90",
         restart=restart,
         log=lambda msg: err_console.print(msg, highlight=False),
     )
@@ -178,9 +199,18 @@ def evaluate(
     out_dir: Annotated[
         Path | None, typer.Option("--out", metavar="DIR", help="Report folder.")
     ] = None,
+    encoding: Annotated[
+        Encoding | None,
+        typer.Option(help="Score files as sent this way (default: as the bundle was trained)."),
+    ] = None,
+    jpeg_quality: JpegQualityOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """Image AUROC (overall, per anomaly type, per branch), F1-max, operating point, report."""
+    """Image AUROC (overall, per anomaly type, per branch), F1-max, operating point, report.
+
+    Files are scored as the line scores them: through the frame encoding the bundle was
+    trained for (or --encoding). --json also lists every image's raw and fused scores.
+    """
     from lineguard.offline.evaluate import evaluate_bundle
 
     result = evaluate_bundle(
@@ -188,6 +218,7 @@ def evaluate(
         data_dir,
         runtime=runtime,
         out_dir=out_dir,
+        frame_codec=codec_spec(encoding, jpeg_quality),
     )
     m = result.metrics
     branches = list(m["overall"]["branches"])
@@ -214,7 +245,7 @@ def evaluate(
         f"{m['threshold']:.3f}: false-reject rate {fmt(m['false_reject_rate'])} on "
         f"{m['n_good']} good parts"
     )
-    console.print(f"report: {result.report_dir}/report.html")
+    console.print(f"frames scored as {m['frame_codec']}; report: {result.report_dir}/report.html")
     write_json(json_path, m)
 
 

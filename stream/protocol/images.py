@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final, Literal
 import cv2
 import numpy as np
 
+from lineguard.engines.codec import IMREAD_RGB, encode_pixels
 from lineguard.stream.protocol.errors import ProtocolError, clip
 
 if TYPE_CHECKING:
@@ -29,9 +30,8 @@ _PNG_IEND: Final = b"IEND\xaeB`\x82"
 _JPEG_SOF: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-# OpenCV ≥ 4.10 decodes straight to RGB; older builds need a BGR→RGB pass.
 _DEFAULT_LIMITS: Final = LimitsSettings()
-_IMREAD_RGB: Final[int | None] = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_IMREAD_RGB: Final[int | None] = IMREAD_RGB  # what training's round trip decodes with too
 
 
 def png_header(data: bytes, name: str) -> tuple[int, int, int]:
@@ -217,16 +217,13 @@ def encode_image(
         return np.ascontiguousarray(arr).tobytes(), (h, w, c)
     if encoding not in ("jpeg", "png"):
         raise ProtocolError("bad_value", f"unknown encoding {encoding!r}; use raw, jpeg or png")
-    src = arr[:, :, 0] if c == 1 else cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2BGR)
-    if encoding == "jpeg":
-        ok, buf = cv2.imencode(".jpg", src, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
-    else:
-        ok, buf = cv2.imencode(".png", src)
-    if not ok:
+    try:
+        # the same encoder as training's round trip (lineguard.engines.codec)
+        return encode_pixels(arr, encoding, jpeg_quality), (h, w, c)
+    except ValueError:
         raise ProtocolError(
             "bad_value", f"OpenCV failed to encode a {w}x{h}x{c} image as {encoding}"
-        )
-    return buf.tobytes(), (h, w, c)
+        ) from None
 
 
 def resize_to(image: np.ndarray, size: int | None) -> np.ndarray:

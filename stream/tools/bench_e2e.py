@@ -38,7 +38,7 @@ from lineguard.engines.errors import LineguardError
 from lineguard.stream.bus import Bus, connect
 from lineguard.stream.decide import STAGES
 from lineguard.stream.feed import EventCollector, events_cursor, send_source
-from lineguard.stream.ingest import bundle_input_size
+from lineguard.stream.ingest import bundle_frame_codec, bundle_input_size
 from lineguard.stream.run import LocalPipeline, Mode
 from lineguard.stream.server import redis_url_for
 from lineguard.stream.settings import Settings, redacted_url
@@ -111,6 +111,7 @@ def bench_e2e(
     with tempfile.TemporaryDirectory(prefix="lineguard-bench-e2e-") as tmp:
         bundle_path = bundle_or_untrained(bundle, Path(tmp), say)
         size = bundle_input_size(bundle_path)
+        codec = bundle_frame_codec(bundle_path)
         runtime_kind = _runtime_used(runtime, device, bundle_path)
         images = synthetic_images(32, size)
         with redis_url_for(cfg) as url:
@@ -130,13 +131,15 @@ def bench_e2e(
                         if warmup > 0:
                             say(f"warm-up: {warmup} frames")
                             sent = send_source(
-                                bus, cfg, ArraySource(images, count=warmup), size=size
-                            )
+                                bus, cfg, ArraySource(images, count=warmup), size=size,
+                                codec=codec,
+                            )  # fmt: skip
                             col.wait_for(sent.seqs, 120.0, check=pipeline.check)
                         say(f"timing {frames} frames at {'max rate' if rate is None else rate}")
                         sent = send_source(
-                            bus, cfg, ArraySource(images, count=frames), size=size, fps=rate
-                        )
+                            bus, cfg, ArraySource(images, count=frames), size=size, fps=rate,
+                            codec=codec,
+                        )  # fmt: skip
                         limit = timeout_s or max(120.0, frames / 2.0)
                         complete = col.wait_for(sent.seqs, limit, check=pipeline.check)
                         events, counts = col.snapshot()

@@ -41,7 +41,7 @@ from rich.table import Table
 from lineguard.engines.errors import LineguardError
 from lineguard.stream.bus import Bus, connect
 from lineguard.stream.feed import EventCollector, events_cursor, send_source
-from lineguard.stream.ingest import bundle_input_size
+from lineguard.stream.ingest import bundle_frame_codec, bundle_input_size
 from lineguard.stream.protocol import Event, LowResMap
 from lineguard.stream.run import LocalPipeline, Mode
 from lineguard.stream.server import redis_url_for
@@ -456,8 +456,9 @@ def run_demo(
                             names = [it.name for it in items]
                             source = ArraySource(pictures, names=names)
                             sent = send_source(
-                                bus, cfg, source, size=input_size, fps=rate, on_sent=bump
-                            )
+                                bus, cfg, source, size=input_size, fps=rate, on_sent=bump,
+                                codec=bundle_frame_codec(bundle_dir),
+                            )  # fmt: skip
                             done = col.wait_for(sent.seqs, max(60.0, 2.0 * len(items)))
                     finally:
                         monitor.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 from lineguard.engines.errors import ConfigError
 from lineguard.stream.bus import Bus, connect, wait_for_server
 from lineguard.stream.feed import RunSummary, send_source, summarise, wait_for_events
-from lineguard.stream.ingest import bundle_input_size
+from lineguard.stream.ingest import bundle_frame_codec, bundle_input_size
 from lineguard.stream.protocol import Event
 from lineguard.stream.settings import Settings
 from lineguard.stream.sources import open_source
@@ -52,13 +52,15 @@ def replay(
         raise ConfigError("--loop needs --limit N, or replay would never finish")
     if size is None and bundle is not None:
         size = bundle_input_size(bundle)
+    codec = None if bundle is None else bundle_frame_codec(bundle)
     client = connect(settings, client_name="lineguard-replay")
     try:
         wait_for_server(client, settings.redis.wait_timeout)
         bus = Bus.from_settings(client, settings)
         with open_source(source_spec, loop=loop) as source:
             sent = send_source(
-                bus, settings, source, size=size, fps=rate, record=record, limit=limit, stop=stop
+                bus, settings, source, size=size, fps=rate, record=record, limit=limit, stop=stop,
+                codec=codec,
             )  # fmt: skip
         events, counts = wait_for_events(
             bus,

@@ -265,7 +265,9 @@ def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
             assert torch.equal(value, after[key]), key
     # hist_knn is divided by PSAD's max leave-one-out distance over the training images
     model = out.build_model()
-    train = np.stack([load_image(s.path, 64) for s in open_dataset(line).train])
+    codec = out.config.codec  # refit reads images as the bundle was trained: through it
+    assert codec.spec == "jpeg:90"
+    train = np.stack([load_image(s.path, 64, codec) for s in open_dataset(line).train])
     z = model.hist_knn.standardise(torch.from_numpy(image_vectors(model, train)["hist_knn"]))
     d = torch.cdist(z, z).fill_diagonal_(float("inf")).amin(dim=1)
     k = out.branches.index("hist_knn")

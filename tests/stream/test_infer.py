@@ -187,3 +187,23 @@ def test_consumers_of_workers_that_are_gone_are_pruned(bus: Bus, redis_url: str)
     stage.step()
     names = {c["name"].decode() for c in bus.client.xinfo_consumers(key, "infer")}
     assert "pod-gone" not in names
+
+
+def test_frames_encoded_unlike_the_bundle_are_warned_about_once(bus: Bus, redis_url: str) -> None:
+    """The split bundle was calibrated on lossless frames: JPEG frames from cam0 get one
+    warning (not one per frame), PNG frames from cam1 none."""
+    from structlog.testing import capture_logs
+
+    stage = make_stage(bus, redis_url)
+    with capture_logs() as logs:
+        jpeg = Ingestor(bus, camera="cam0", size=SIZE, encoding="jpeg")
+        png = Ingestor(bus, camera="cam1", size=SIZE, encoding="png")
+        for _ in range(3):
+            jpeg.send(GOOD)
+            png.send(GOOD)
+        drain(stage)
+    warned = [e for e in logs if e["event"] == "infer.codec_mismatch"]
+    assert [(e["camera"], e["frame_encoding"], e["bundle"]) for e in warned] == [
+        ("cam0", "jpeg", "raw")
+    ]
+    assert len(read_scores(bus)) == 6  # warned, still scored

@@ -148,3 +148,50 @@ def test_pacer_holds_the_rate() -> None:
     assert 0.09 <= time.monotonic() - t0 < 0.5
     with pytest.raises(ConfigError):
         Pacer(0)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "quality", "bundle", "sent", "warns"),
+    [
+        (None, None, "jpeg:80", "jpeg:80", False),  # unset: as the bundle was trained
+        (None, None, "raw", "raw", False),
+        (None, None, None, "jpeg:90", False),  # no bundle: the old default
+        ("png", None, "raw", "png", False),  # lossless either way: same pixels
+        ("jpeg", None, "jpeg:80", "jpeg:80", False),  # the bundle's quality by default
+        ("jpeg", 95, "jpeg:80", "jpeg:95", True),
+        ("raw", None, "jpeg:90", "raw", True),
+        (None, 70, "jpeg:90", "jpeg:70", True),
+    ],
+)  # fmt: skip
+def test_ingest_sends_as_the_bundle_expects_and_warns_when_told_otherwise(
+    encoding: str | None, quality: int | None, bundle: str | None, sent: str, warns: bool
+) -> None:
+    from structlog.testing import capture_logs
+
+    from lineguard.engines.codec import FrameCodec
+    from lineguard.stream.ingest import frame_codec_for
+    from lineguard.stream.settings import IngestSettings
+
+    settings = IngestSettings(encoding=encoding, jpeg_quality=quality)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        codec = frame_codec_for(settings, None if bundle is None else FrameCodec.parse(bundle))
+    assert codec.spec == sent
+    mismatch = [e for e in logs if e["event"] == "ingest.codec_mismatch"]
+    assert bool(mismatch) == warns, logs
+    if warns:
+        assert mismatch[0]["log_level"] == "warning" and mismatch[0]["bundle"] == bundle
+
+
+def test_bundles_record_their_frame_codec_and_old_ones_read_as_lossless(tmp_path: Path) -> None:
+    from lineguard.stream.ingest import bundle_frame_codec
+
+    assert bundle_frame_codec(split_bundle().path).spec == "raw"  # ModelConfig's default
+    manifest = json.loads((split_bundle().path / "manifest.json").read_text())
+    assert manifest["model"]["frame_codec"] == "raw"
+    del manifest["model"]["frame_codec"]  # a bundle written before the field existed
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert bundle_frame_codec(tmp_path).lossless
+    manifest["model"]["frame_codec"] = "jpeg:abc"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="quality"):
+        bundle_frame_codec(tmp_path)
