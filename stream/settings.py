@@ -282,6 +282,12 @@ class LimitsSettings(_Section):
 
     max_frame_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=1024**3)
     max_image_side: int = Field(default=8192, ge=16, le=65_535)
+    max_image_pixels: int = Field(
+        default=16 * 1024 * 1024,
+        ge=256,
+        le=1 << 31,
+        description="height × width of a frame: a small PNG can decode to gigabytes",
+    )
     max_string_len: int = Field(default=256, ge=8, le=65_536)
     max_text_len: int = Field(
         default=2048, ge=8, le=1_048_576, description="free text: error and reason fields"

@@ -119,6 +119,13 @@ def check_header(
             "(LINEGUARD_LIMITS__MAX_IMAGE_SIDE)",
             field="payload",
         )
+    if ih * iw > limits.max_image_pixels:
+        raise ProtocolError(
+            "image_too_large",
+            f"{encoding} header says {iw}x{ih} = {ih * iw} pixels, over the "
+            f"{limits.max_image_pixels}-pixel limit (LINEGUARD_LIMITS__MAX_IMAGE_PIXELS)",
+            field="payload",
+        )
     if (ih, iw) != (h, w):
         raise ProtocolError(
             "bad_shape",

@@ -382,6 +382,13 @@ class _Reader:
                 f"image {w}x{h} exceeds the {side}-pixel side limit "
                 "(LINEGUARD_LIMITS__MAX_IMAGE_SIDE); downscale at ingest",
             )
+        if h * w > self.limits.max_image_pixels:
+            raise self.fail(
+                "image_too_large",
+                "shape",
+                f"image {w}x{h} has {h * w} pixels, over the {self.limits.max_image_pixels} "
+                "limit (LINEGUARD_LIMITS__MAX_IMAGE_PIXELS); downscale at ingest",
+            )
         return (h, w, c)
 
     def low_res_map(self, name: str) -> LowResMap | None:

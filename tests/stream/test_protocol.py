@@ -542,3 +542,22 @@ def test_fuzz_image_payload_bytes(which: str, noise: bytes, data: st.DataObject)
     except ProtocolError:
         return
     assert img.shape == (48, 64, 3)
+
+
+def test_a_png_bomb_is_refused_by_its_pixel_count_before_decoding() -> None:
+    """8000×8000 is under the 8192-pixel side limit but decodes to 64 MP (192 MB as RGB)
+    from a ~200 KB file: the pixel limit refuses it from the declared shape and from the
+    PNG header, so nothing is allocated for it."""
+    ok, buf = cv2.imencode(".png", np.zeros((8000, 8000), np.uint8))
+    assert ok and len(buf) < 400_000
+    bomb = Frame("line1", "cam0", 1, T0, "png", (8000, 8000, 1), buf.tobytes())
+    roomy = LimitsSettings(max_image_pixels=64_000_000)
+    data = encode(bomb, roomy)  # a sender with a larger limit (or a forger) put it on the bus
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(data)
+    assert info.value.reason == "image_too_large"
+    assert "LINEGUARD_LIMITS__MAX_IMAGE_PIXELS" in str(info.value)
+    with pytest.raises(ProtocolError) as info:
+        decode_image(bomb)  # a Frame built in-process: the header check catches it too
+    assert info.value.reason == "image_too_large"
+    assert decode_frame(data, roomy).shape == (8000, 8000, 1)  # the limit is the gate
