@@ -191,8 +191,11 @@ def client_url(client: redis.Redis) -> str:
     return f"{scheme}://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
 
 
-def wait_for_server(client: redis.Redis, timeout_s: float, *, interval_s: float = 0.25) -> None:
-    """PING until the server answers or ``timeout_s`` passes, logging every failed attempt.
+def wait_for_server(
+    client: redis.Redis, timeout_s: float, *, interval_s: float = 0.25, quiet: bool = False
+) -> None:
+    """PING until the server answers or ``timeout_s`` passes, logging every failed attempt
+    (at debug level when ``quiet``: a probe reports the outcome once, as its exit status).
 
     The client's own retry policy is switched off meanwhile, so each attempt is one quick
     try and the log shows the real progress; it is restored before returning. Refused
@@ -217,7 +220,7 @@ def wait_for_server(client: redis.Redis, timeout_s: float, *, interval_s: float 
                 ) from None
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 remaining = deadline - time.monotonic()
-                log.warning(
+                (log.debug if quiet else log.warning)(
                     "redis.unreachable",
                     url=where,
                     attempt=attempt,

@@ -83,8 +83,11 @@ def load_settings(overrides: dict[str, Any], *, quiet: bool = False) -> Any:
     return settings
 
 
-def external_client(settings: Any, what: str) -> Any:
-    """A connected client for commands that join an existing pipeline (no embedded server)."""
+def external_client(
+    settings: Any, what: str, *, wait_s: float | None = None, quiet: bool = False
+) -> Any:
+    """A connected client for commands that join an existing pipeline (no embedded server),
+    after waiting up to ``wait_s`` (default ``LINEGUARD_REDIS__WAIT_TIMEOUT``) for it."""
     from lineguard.engines.errors import ConfigError
     from lineguard.stream.bus import connect, wait_for_server
 
@@ -95,7 +98,12 @@ def external_client(settings: Any, what: str) -> Any:
             "one box with an embedded Valkey"
         )
     client = connect(settings, client_name=f"lineguard-{what}")
-    wait_for_server(client, settings.redis.wait_timeout)
+    timeout = settings.redis.wait_timeout if wait_s is None else wait_s
+    try:
+        wait_for_server(client, timeout, quiet=quiet)
+    except BaseException:
+        client.close()
+        raise
     return client
 
 

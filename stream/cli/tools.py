@@ -44,6 +44,8 @@ from lineguard.stream.cli.options import (
 
 app = typer.Typer()
 
+STAGES = ("ingest", "infer", "decide")  # what writes heartbeats
+
 
 @app.command()
 @friendly_errors
@@ -139,8 +141,13 @@ def events(
 def health(
     stage: Annotated[
         str,
-        typer.Option(metavar="STAGE,…", help="Stages that must have a live worker."),
+        typer.Option(
+            metavar="STAGE,…", help="Stages that must have a live worker: ingest, infer, decide."
+        ),
     ] = "infer,decide",
+    timeout: Annotated[
+        float, typer.Option(metavar="S", help="Give up on an unreachable Redis after S.")
+    ] = 3.0,
     output: FormatOpt = "text",
     line: LineOpt = None,
 ) -> None:
@@ -151,8 +158,15 @@ def health(
     from lineguard.stream.bus import Bus
     from lineguard.stream.worker import health_report
 
+    required = split_list(stage)
+    unknown = sorted(set(required) - set(STAGES))
+    if unknown:  # an empty --stage "" asks for nothing: reachability and the report
+        raise typer.BadParameter(
+            f"unknown stage(s) {', '.join(unknown)}; use {', '.join(STAGES)}",
+            param_hint="--stage",
+        )
     settings = load_settings({"line.id": line})
-    client = external_client(settings, "health")
+    client = external_client(settings, "health", wait_s=timeout, quiet=True)
     try:
         bus = Bus.from_settings(client, settings)
         workers = health_report(bus)
@@ -173,7 +187,6 @@ def health(
         dead = bus.length("dead")
     finally:
         client.close()
-    required = split_list(stage)
     live = {str(w.get("stage")) for w in workers}
     missing = [s for s in required if s not in live]
     if output == "json":

@@ -185,3 +185,26 @@ def test_run_command_end_to_end(bus: Bus, redis_url: str, tmp_path: Path) -> Non
     assert "line1/cam0/000000000" in result.output  # rejects are printed as they arrive
     assert len(all_events(bus)) == 12
     assert len((tmp_path / "rec" / "index.jsonl").read_text().splitlines()) == 12
+
+
+def test_health_with_redis_down_fails_fast_with_one_line(tmp_path: Path) -> None:
+    """A probe must answer quickly: no 30-second wait, no retry warning per attempt."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"LINEGUARD_REDIS__URL": f"redis://127.0.0.1:{port}/0", "LINEGUARD_LOG__FORMAT": "json"}
+    t0 = time.monotonic()
+    result = CliRunner(env=env).invoke(app, ["health", "--timeout", "1"])
+    elapsed = time.monotonic() - t0
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not reach Redis"), lines
+    assert elapsed < 10, elapsed
+
+
+def test_health_refuses_a_stage_that_does_not_exist() -> None:
+    result = CliRunner().invoke(app, ["health", "--stage", "infer,bogus"])
+    assert result.exit_code == 2
+    assert "bogus" in result.output and "ingest, infer, decide" in result.output
