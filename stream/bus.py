@@ -113,6 +113,28 @@ class DeadLetter:
     fields: Mapping[bytes, bytes]
 
 
+def parse_dead_letter(entry_id: Any, raw: Any) -> DeadLetter:
+    """A dead-stream entry as written by :meth:`Bus.dead_letter` (tolerant of odd values:
+    the dead stream is where odd things end up)."""
+    f = _fields(raw)
+    dl = f.get(DEAD_DELIVERIES)
+    try:
+        t_dead = float(f.get(DEAD_TIME, b"0"))
+    except ValueError:
+        t_dead = 0.0
+    return DeadLetter(
+        id=_text(entry_id),
+        reason=_text(f.get(DEAD_REASON, b"")),
+        detail=_text(f.get(DEAD_DETAIL, b"")),
+        source_stream=_text(f.get(DEAD_SOURCE, b"")),
+        group=_text(f.get(DEAD_GROUP, b"")),
+        source_id=_text(f.get(DEAD_ID, b"")),
+        deliveries=int(dl) if dl is not None and dl.isdigit() else None,
+        t_dead=t_dead,
+        fields={k: v for k, v in f.items() if not k.startswith(_DEAD_PREFIX)},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class GroupStats:
     """Queue health of one group on one stream (for metrics and ``lineguard health``)."""
@@ -665,24 +687,7 @@ class Bus:
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The newest dead-stream entries first (for ``lineguard health`` and tests)."""
         rows = self.client.xrevrange(self.key("dead"), count=count)
-        out: list[DeadLetter] = []
-        for entry_id, raw in rows or ():
-            f = _fields(raw)
-            dl = f.get(DEAD_DELIVERIES)
-            out.append(
-                DeadLetter(
-                    id=_text(entry_id),
-                    reason=_text(f.get(DEAD_REASON, b"")),
-                    detail=_text(f.get(DEAD_DETAIL, b"")),
-                    source_stream=_text(f.get(DEAD_SOURCE, b"")),
-                    group=_text(f.get(DEAD_GROUP, b"")),
-                    source_id=_text(f.get(DEAD_ID, b"")),
-                    deliveries=int(dl) if dl is not None else None,
-                    t_dead=float(f.get(DEAD_TIME, b"0")),
-                    fields={k: v for k, v in f.items() if not k.startswith(_DEAD_PREFIX)},
-                )
-            )
-        return out
+        return [parse_dead_letter(entry_id, raw) for entry_id, raw in rows or ()]
 
     # health and metrics --------------------------------------------------------------
 

@@ -58,6 +58,7 @@ from lineguard.stream.protocol import (
     Scores,
     decode_frame,
     decode_image,
+    frame_identity,
     resize_to,
 )
 from lineguard.stream.settings import Settings
@@ -324,6 +325,7 @@ class InferStage:
         ack_only: list[str] = []
         work: list[tuple[Entry, Frame]] = []
         poison: list[tuple[Entry, Frame]] = []
+        refused: list[Scores | None] = []  # error verdicts for dead-lettered frames we can name
         for e in entries:
             if e.deleted:
                 # Delivered once, then trimmed away before it was acknowledged.
@@ -340,6 +342,7 @@ class InferStage:
                 frame = decode_frame(data, limits)
             except ProtocolError as exc:
                 self._dead(e, exc.reason, str(exc))
+                refused.append(self._refused(data, e, model, exc, {"t_read": t_read}))
                 continue
             if frame.line != self.bus.line:
                 self._dead(e, "wrong_line", f"frame of line {frame.line!r} on {self.bus.line!r}")
@@ -425,11 +428,11 @@ class InferStage:
                 log.error("infer.poison", deliveries=e.deliveries, entry_id=e.id)
             results.append(self._error(frame, e, model, reason, base))
 
-        messages = [r for r in results if r is not None]
+        messages = [r for r in results + refused if r is not None]
         t_scored = time.time()
         messages = [_stamp(s, t_scored) for s in messages]
         ids = [e.id for e, _ in work] + [e.id for e, _ in poison] + ack_only
-        if ids:
+        if ids or messages:
             self.bus.ack_with_result(
                 "frames",
                 self.cfg.group,
@@ -486,6 +489,32 @@ class InferStage:
             model.version,
             self._timings(e, extra),
             error=text,
+        )
+
+    def _refused(
+        self,
+        data: Any,
+        e: Entry,
+        model: LoadedModel,
+        exc: ProtocolError,
+        extra: dict[str, float],
+    ) -> Scores | None:
+        """An error verdict naming why a frame was dead-lettered, when the message still says
+        which frame it is (its line, camera, seq and capture time are well-formed and on this
+        line); otherwise decide accounts for the hole as a gap."""
+        ident = frame_identity(data, self.bus.limits)
+        if ident is None or ident.line != self.bus.line:
+            return None
+        text = f"refused by infer ({exc.reason}): {exc}; the message is in the dead stream"
+        return Scores(
+            ident.line,
+            ident.camera,
+            ident.seq,
+            ident.t_capture,
+            {},
+            model.version,
+            self._timings(e, extra),
+            error=text[: self.bus.limits.max_text_len],
         )
 
     def _map(self, amap: Any, row: int) -> LowResMap | None:

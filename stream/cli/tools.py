@@ -138,6 +138,50 @@ def events(
 
 @app.command()
 @friendly_errors
+def dead(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new dead letters.")
+    ] = False,
+    last: Annotated[
+        int, typer.Option(metavar="N", help="Print the last N dead letters first.")
+    ] = 20,
+    output: FormatOpt = "text",
+    line: LineOpt = None,
+) -> None:
+    """Print the messages the line refused, each with its reason and the frame it names.
+
+    --format json prints one JSON object per line.
+    """
+    from lineguard.stream.bus import Bus
+    from lineguard.stream.tools.dead import dead_json, dead_line, follow_dead, last_dead
+    from lineguard.stream.worker import StopFlag, signals_stop
+
+    settings = load_settings({"line.id": line})
+    client = external_client(settings, "dead")
+    try:
+        bus = Bus.from_settings(client, settings)
+
+        def show(dl: Any) -> None:
+            if output == "json":
+                typer.echo(dead_json(bus, dl))
+            else:
+                console.print(dead_line(bus, dl), highlight=False, soft_wrap=True)
+
+        rows = last_dead(bus, last)
+        for dl in rows:
+            show(dl)
+        if follow:
+            stop = StopFlag()
+            with signals_stop(stop):
+                since = rows[-1].id if rows else "$"
+                for dl in follow_dead(bus, since=since, stop=stop):
+                    show(dl)
+    finally:
+        client.close()
+
+
+@app.command()
+@friendly_errors
 def health(
     stage: Annotated[
         str,

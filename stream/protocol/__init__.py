@@ -41,11 +41,13 @@ from lineguard.stream.protocol.messages import (
     make_frame,
 )
 from lineguard.stream.protocol.wire import (
+    FrameIdentity,
     decode,
     decode_event,
     decode_frame,
     decode_scores,
     encode,
+    frame_identity,
 )
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "Encoding",
     "Event",
     "Frame",
+    "FrameIdentity",
     "LowResMap",
     "MapCodec",
     "Message",
@@ -72,6 +75,7 @@ __all__ = [
     "decode_scores",
     "encode",
     "encode_image",
+    "frame_identity",
     "frame_key",
     "make_frame",
     "resize_to",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, Final, TypeVar, cast
 
 import msgpack
@@ -168,6 +168,37 @@ def decode_scores(data: Any, limits: LimitsSettings | None = None) -> Scores:
 def decode_event(data: Any, limits: LimitsSettings | None = None) -> Event:
     """Decode an events-stream message; raises ``ProtocolError`` for anything unusable."""
     return _decode_kind(data, "event", Event, limits)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameIdentity:
+    """Which frame a message claims to be, read from a message that failed validation."""
+
+    line: str
+    camera: str
+    seq: int
+    t_capture: float
+
+
+def frame_identity(data: Any, limits: LimitsSettings | None = None) -> FrameIdentity | None:
+    """The identity fields of a frames-stream message that ``decode_frame`` refused, when
+    they alone are well-formed; ``None`` otherwise.
+
+    Lets infer give a frame with a corrupt image or shape an ``error`` verdict naming the
+    real cause, instead of leaving a hole that decide can only call a sequence gap.
+    """
+    lim = limits or _DEFAULT_LIMITS
+    try:
+        wire = _unpack(data, lim)
+        if wire.get("kind") != "frame" or not all(k in wire for k in _IDENTITY):
+            return None
+        r = _Reader(wire, "frame", lim)
+        return FrameIdentity(r.name("line"), r.name("camera"), r.seq(), r.number("t_capture"))
+    except ProtocolError:
+        return None
+
+
+_IDENTITY: Final = ("line", "camera", "seq", "t_capture")
 
 
 def _decode_kind(data: Any, kind: str, cls: type[_M], limits: LimitsSettings | None) -> _M:

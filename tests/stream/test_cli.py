@@ -56,6 +56,7 @@ def test_the_tree_has_every_command() -> None:
     """The sub-apps joined into one tree: top-level verbs and both groups, nothing nested."""
     names = {" ".join(c) for c in COMMANDS}
     expected = {"run", "ingest", "infer", "decide", "replay", "events", "health", "dashboard"}
+    expected |= {"dead"}
     expected |= {"demo", "synth", "train", "evaluate", "refit", "fewshot-curve"}
     expected |= {"bench model", "bench knn", "bench e2e", "bench soak", "bundle info"}
     assert expected <= names, expected - names
@@ -149,6 +150,45 @@ def test_health_reflects_worker_heartbeats(bus: Bus, redis_url: str) -> None:
     beats[1].clear()  # decide went away
     assert runner.invoke(app, ["health", "--stage", "infer"]).exit_code == 0
     assert runner.invoke(app, ["health"]).exit_code == 1
+
+
+def test_dead_lists_refused_messages_with_reasons_and_the_frame_they_name(
+    bus: Bus, redis_url: str
+) -> None:
+    """Real refusals: an infer stage dead-letters a garbage message and a frame whose PNG
+    disagrees with its declared shape; `lineguard dead` shows both, oldest first."""
+    import cv2
+    import msgpack
+
+    from lineguard.stream.infer import InferStage
+    from lineguard.stream.protocol import ENTRY_FIELD, Frame, encode
+    from tests.stream.pipeline_helpers import GOOD, settings_for, split_bundle
+
+    bus.client.xadd(bus.key("frames"), {ENTRY_FIELD: b"\xc1"})
+    ok, png = cv2.imencode(".png", GOOD)
+    assert ok
+    frame = Frame(bus.line, "cam0", 7, time.time(), "png", (64, 64, 3), png.tobytes())
+    wire = msgpack.unpackb(encode(frame), raw=False)
+    wire["shape"] = [64, 32, 3]
+    bus.client.xadd(bus.key("frames"), {ENTRY_FIELD: msgpack.packb(wire, use_bin_type=True)})
+    stage = InferStage(
+        bus, settings_for(bus, redis_url), split_bundle().path, runtime="onnxruntime"
+    )
+    stage.setup()
+    stage.step()
+    runner = CliRunner(env=env_for(bus, redis_url, LINEGUARD_LINE__ID=bus.line))
+    result = runner.invoke(app, ["dead", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in result.output.splitlines()]
+    assert [(r["reason"], r["frame"]) for r in rows] == [
+        ("not_msgpack", None),
+        ("bad_shape", f"{bus.line}/cam0/000000007"),
+    ]
+    assert all(r["group"] == "infer" and r["detail"] for r in rows)
+    plain = runner.invoke(app, ["dead", "--last", "1"])
+    assert (
+        plain.exit_code == 0 and "bad_shape" in plain.output and "not_msgpack" not in plain.output
+    )
 
 
 def test_events_prints_the_last_ones_as_json(bus: Bus, redis_url: str) -> None:

@@ -90,6 +90,39 @@ def test_undecodable_image_is_that_frames_error_and_bad_messages_go_dead(
     assert bus.pending("frames", "infer") == []
 
 
+def test_a_refused_frame_that_says_who_it_is_gets_an_error_naming_the_cause(
+    bus: Bus, redis_url: str
+) -> None:
+    """A message whose image or shape is invalid but whose line, camera, seq and capture time
+    are readable: dead-lettered *and* given an error verdict with the reason, so decide does
+    not call it a sequence gap. One that names no frame (garbage) gets no verdict."""
+    import msgpack
+
+    stage = make_stage(bus, redis_url)
+    ok, png = cv2.imencode(".png", GOOD)
+    assert ok
+    frame = Frame("line1", "cam0", 4, time.time(), "png", (SIZE, SIZE, 3), png.tobytes())
+    fields = msgpack.unpackb(encode(frame), raw=False)
+    fields["shape"] = [SIZE, SIZE * 2, 3]  # the PNG header says otherwise
+    bus.client.xadd(bus.key("frames"), {ENTRY_FIELD: msgpack.packb(fields, use_bin_type=True)})
+    forged = dict(fields, seq=-1)
+    bus.client.xadd(bus.key("frames"), {ENTRY_FIELD: msgpack.packb(forged, use_bin_type=True)})
+    elsewhere = dict(fields, line="line2")
+    bus.client.xadd(bus.key("frames"), {ENTRY_FIELD: msgpack.packb(elsewhere, use_bin_type=True)})
+    drain(stage)
+    scores = read_scores(bus)
+    assert [(s.camera, s.seq) for s in scores] == [("cam0", 4)]
+    assert scores[0].error is not None and "refused by infer (bad_shape)" in scores[0].error
+    assert "dead stream" in scores[0].error and scores[0].raw == {}
+    assert scores[0].t_capture == pytest.approx(frame.t_capture)
+    assert sorted(d.reason for d in bus.dead_letters()) == [
+        "bad_shape",
+        "bad_shape",
+        "negative_seq",
+    ]
+    assert bus.pending("frames", "infer") == []
+
+
 def test_rows_check_turns_a_short_result_into_errors(bus: Bus, redis_url: str) -> None:
     stage = make_stage(bus, redis_url)
     assert stage.model is not None
