@@ -41,7 +41,9 @@ replayed entry, a camera whose counter was reset) would otherwise open a gap of 
 verdicts would then be dropped as duplicates. So a seq above the highest seen is checked
 against the camera's ingest counter (``<prefix>:{line}:seq:<camera>``, cached): one at or
 above it is dead-lettered as ``seq_not_issued``. A camera with no counter at all (tools and
-tests that write scores directly) may open gaps of at most ``UNCOUNTED_MAX_GAP``.
+tests that write scores directly) may open gaps of at most ``UNCOUNTED_MAX_GAP`` seqs per
+message and ``UNCOUNTED_MAX_HOLES`` in all; a message beyond either is dead-lettered with the
+reason, so a forged frame of an unknown camera costs at most that many ``uninspected`` events.
 """
 
 from __future__ import annotations
@@ -116,7 +118,11 @@ MAX_CALIBRATIONS = 8
 MAX_GAP = 1_000_000
 MAX_UNINSPECTED_PER_STEP = 1024
 INFLIGHT_SCAN_LIMIT = 2000
-UNCOUNTED_MAX_GAP = 1024
+# A camera ingest never numbered (no seq counter: tools, tests, a bridge) gets a verdict for
+# every message, but the holes it may open are bounded, per message and in total, so one
+# forged or misnumbered message cannot flood the line with phantom `uninspected` events.
+UNCOUNTED_MAX_GAP = 16
+UNCOUNTED_MAX_HOLES = 256
 
 
 @dataclass
@@ -231,6 +237,9 @@ class DecideStage:
         self.watcher: BundleWatcher | None = None
         self._next_inflight_check = 0.0
         self._issued: dict[str, int] = {}  # camera -> ingest's next seq, as last read
+        # camera without a counter -> (highest seq let through, holes it opened); kept apart
+        # from CameraState because several of its messages may sit in one batch
+        self._uncounted: dict[str, tuple[int, int]] = {}
         self.counts = {
             "pass": 0,
             "fail": 0,
@@ -401,12 +410,26 @@ class DecideStage:
                 f"is {issued}): a producer bypassing ingest, a forged or replayed message, or "
                 "a reset counter; no verdict was made for it"
             )
-        start = 0 if cam is None else max(cam.hwm + 1, cam.next)
-        if seq - start > UNCOUNTED_MAX_GAP:
+        top, opened = self._uncounted.get(camera, (-1, 0))
+        start = max(top + 1, 0 if cam is None else max(cam.hwm + 1, cam.next))
+        if seq < start:
+            return None  # below what it already let through: fills a hole, opens none
+        gap = seq - start
+        if gap > UNCOUNTED_MAX_GAP:
             return (
                 f"seq {seq} of camera {camera!r}, which ingest never numbered (no seq counter), "
-                f"would open a gap of {seq - start} frames; no verdict was made for it"
+                f"would open a gap of {gap} frames (at most {UNCOUNTED_MAX_GAP}); no verdict "
+                "was made for it"
             )
+        if opened + gap > UNCOUNTED_MAX_HOLES:
+            return (
+                f"camera {camera!r}, which ingest never numbered (no seq counter), has opened "
+                f"{opened} holes already; seq {seq} would open {gap} more (at most "
+                f"{UNCOUNTED_MAX_HOLES} in all); no verdict was made for it"
+            )
+        if len(self._uncounted) >= 4096:  # forged camera names: stay bounded
+            self._uncounted.clear()
+        self._uncounted[camera] = (seq, opened + gap)
         return None
 
     def judge(self, scores: Scores, t_read: float) -> Event:

@@ -179,3 +179,32 @@ def test_camera_state_watermark() -> None:
         cam.mark(seq)
     assert cam.next == 4 and not cam.done and not cam.missing
     assert cam.watermark_with({4, 5, 7}) == 6
+
+
+def test_a_camera_ingest_never_numbered_opens_only_bounded_holes(bus: Bus, redis_url: str) -> None:
+    """One forged frame of an unknown camera with seq 120 used to open 120 phantom
+    `uninspected` events; now a message may open at most UNCOUNTED_MAX_GAP holes and a
+    camera UNCOUNTED_MAX_HOLES in all, beyond which it is dead-lettered with the reason."""
+    from lineguard.stream.decide import UNCOUNTED_MAX_GAP, UNCOUNTED_MAX_HOLES
+
+    split = split_bundle()
+    stage = make_stage(bus, redis_url)
+    bus.add("scores", scores(split, 120, camera="forged"))
+    drain(stage)
+    assert all_events(bus) == []
+    dead = bus.dead_letters()
+    assert [d.reason for d in dead] == ["seq_not_issued"]
+    assert "would open a gap of 120 frames" in dead[0].detail
+    # small holes are still accounted, up to the camera's total
+    seq, opened, sent = -1, 0, 0
+    while opened + UNCOUNTED_MAX_GAP <= UNCOUNTED_MAX_HOLES:
+        seq += UNCOUNTED_MAX_GAP + 1  # each message skips UNCOUNTED_MAX_GAP seqs
+        opened += UNCOUNTED_MAX_GAP
+        sent += 1
+        bus.add("scores", scores(split, seq, camera="bridge"))
+    bus.add("scores", scores(split, seq + UNCOUNTED_MAX_GAP + 1, camera="bridge"))
+    drain(stage, steps=60)
+    events = [e for e in all_events(bus) if e.camera == "bridge"]
+    assert Counter(e.verdict for e in events) == {"pass": sent, "uninspected": opened}
+    assert bus.dead_letters()[0].reason == "seq_not_issued"
+    assert "has opened 256 holes already" in bus.dead_letters()[0].detail
