@@ -110,8 +110,9 @@ def _images(folder: Path) -> list[Path]:
 def _require_images(folder: Path, what: str) -> list[Path]:
     if not folder.is_dir():
         raise MissingSplitError(
-            f"{what}: folder {folder} is missing; create it with the images, "
-            "or pass the matching layout= (loco, mvtec or folder)"
+            f"{what}: folder {folder} is missing; create it with the images (layouts: MVTec "
+            "LOCO AD train/good + validation/good, MVTec AD train/good, or a plain folder "
+            "of good images)"
         )
     files = _images(folder)
     if not files:
@@ -215,7 +216,7 @@ def detect_layout(root: Path) -> str:
     raise EmptySplitError(
         f"cannot tell the layout of {root}: it has no train/ folder (MVTec AD), no "
         "validation/good (MVTec LOCO AD) and no images of its own (plain folder); point at the "
-        "dataset's root folder or pass layout="
+        "dataset's root folder"
     )
 
 

@@ -98,12 +98,43 @@ class TrainingError(LineguardError):
     """A training stage cannot proceed with this data."""
 
 
-def _fingerprint(dataset: Dataset, config: dict[str, Any]) -> str:
+# Below this many training images the networks cannot learn what "good" looks like; below
+# RECOMMENDED_TRAIN the run is allowed but warned about (MVTec-style sets have 200-400).
+MIN_TRAIN_IMAGES = 2
+RECOMMENDED_TRAIN_IMAGES = 50
+
+
+def _fingerprint(samples: list, config: dict[str, Any]) -> str:
+    """What a run's finished stages depend on: the settings and these files (size, mtime).
+
+    Training (stages 1-4) and calibration (stage 5) are fingerprinted apart: fixing a
+    validation image redoes the calibration only, not the hours of training before it."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for sample in (*dataset.train, *dataset.validation):
+    for sample in samples:
         stat = sample.path.stat()
         digest.update(f"{sample.path}:{stat.st_size}:{int(stat.st_mtime)}".encode())
     return digest.hexdigest()[:16]
+
+
+def _check_counts(dataset: Dataset, note: Callable[[str], None]) -> None:
+    """Refuse data that cannot train, warn about data that will train poorly, up front."""
+    n_train, n_val = len(dataset.train), len(dataset.validation)
+    if n_train < MIN_TRAIN_IMAGES:
+        raise TrainingError(
+            f"{dataset.root} has {n_train} training image(s); lineguard needs at least "
+            f"{MIN_TRAIN_IMAGES}, and {RECOMMENDED_TRAIN_IMAGES} or more to learn a product well"
+        )
+    if n_val == 0:
+        raise TrainingError(
+            f"{dataset.root} has no validation images to calibrate the threshold on: add good "
+            "images to validation/good (LOCO), or more to train/good so some can be carved out"
+        )
+    if n_train < RECOMMENDED_TRAIN_IMAGES:
+        note(
+            f"warning: only {n_train} training images; {RECOMMENDED_TRAIN_IMAGES} or more "
+            "are recommended (the networks and banks learn what good looks like from them, "
+            "and too few make good parts look anomalous)"
+        )
 
 
 def _load_images(
@@ -221,7 +252,9 @@ def train_bundle(
         "frame_codec": codec.spec,
         "mask_generator": type(mask_generator).__name__ if mask_generator else None,
     }
-    fingerprint = _fingerprint(dataset, settings)
+    _check_counts(dataset, note)
+    fingerprint = _fingerprint(dataset.train, settings)
+    val_fingerprint = _fingerprint(dataset.validation, {"frame_codec": codec.spec})
     if restart and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -235,6 +268,10 @@ def train_bundle(
     state.setdefault("fingerprint", fingerprint)
     state.setdefault("done", [])
     state.setdefault("seconds", {})
+    if state.get("val_fingerprint", val_fingerprint) != val_fingerprint:
+        note("the validation images changed: calibrating again (training stages are kept)")
+        state["done"] = [s for s in state["done"] if s != "calibration"]
+    state["val_fingerprint"] = val_fingerprint
 
     def finish(stage: str, seconds: float, **extra: Any) -> None:
         state["done"].append(stage)
@@ -243,7 +280,10 @@ def train_bundle(
         state_path.write_text(json.dumps(state, indent=2))
 
     torch.manual_seed(0)
+    # every image is read (and checked) now, validation too: a corrupt file is found in
+    # seconds, not at stage 5 after the networks have trained
     train_images = _load_images(dataset.train, input_size, preset.max_train, note, codec)
+    val_images = _load_images(dataset.validation, input_size, None, note, codec)
     # --- 1. pseudo-labels -------------------------------------------------------------------
     labels_file = work / "pseudo_labels.safetensors"
     if "pseudo_labels" not in state["done"]:
@@ -371,7 +411,6 @@ def train_bundle(
     # --- 5. calibration -----------------------------------------------------------------------
     note("stage 5/5: calibration on validation goods")
     t0 = time.perf_counter()
-    val_images = _load_images(dataset.validation, input_size, None, note, codec)
     model = model.cpu().eval()
     calibration, _ = calibrate(
         model,

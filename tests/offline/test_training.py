@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -120,6 +121,54 @@ def test_training_refuses_bad_datasets(tmp_path: Path) -> None:
         train_bundle(tmp_path / "missing", tmp_path / "out", preset=TINY_PRESET, progress=False)
     with pytest.raises(LineguardError, match="unknown preset"):
         train_bundle(empty, tmp_path / "out", preset="fastest", progress=False)
+
+
+def test_bad_training_data_is_found_before_stage_1(line: Path, tmp_path: Path) -> None:
+    """A corrupt validation image used to surface at stage 5, after all the training."""
+    data = tmp_path / "data"
+    shutil.copytree(line, data)
+    victim = sorted((data / "validation" / "good").iterdir())[2]
+    victim.write_bytes(b"not an image")
+    seen: list[str] = []
+    with pytest.raises(LineguardError, match=rf"{victim.name}.*corrupt"):
+        train_bundle(data, tmp_path / "b", preset=TINY_PRESET, input_size=64, log=seen.append)
+    assert not any(m.startswith("stage") for m in seen), seen
+    # too few images: refused with the number, or warned about
+    few = tmp_path / "few"
+    (few / "train" / "good").mkdir(parents=True)
+    first = sorted((line / "train" / "good").iterdir())[0]
+    shutil.copy(first, few / "train" / "good" / first.name)
+    with pytest.raises(LineguardError, match="at least 2"):
+        train_bundle(few, tmp_path / "c", preset=TINY_PRESET, input_size=64, log=seen.append)
+
+
+def test_fixing_a_validation_image_recalibrates_without_retraining(
+    line: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(line, data)
+    out = tmp_path / "b"
+    seen: list[str] = []
+    train_bundle(data, out, preset=TINY_PRESET, input_size=64, progress=False, log=seen.append)
+    assert any("warning: only 10 training images" in m for m in seen)
+    first = load_bundle(out)
+    victim = sorted((data / "validation" / "good").iterdir())[0]
+    other = sorted((data / "validation" / "good").iterdir())[1]
+    shutil.copy(other, victim)  # a replaced file: new content, new mtime
+    os.utime(victim, (victim.stat().st_atime, victim.stat().st_mtime + 5))
+    seen.clear()
+    again = train_bundle(
+        data, out, preset=TINY_PRESET, input_size=64, progress=False, log=seen.append
+    )
+    stages = [m for m in seen if m.startswith("stage")]
+    assert stages == ["stage 5/5: calibration on validation goods"], seen
+    assert any("calibrating again" in m for m in seen)
+    assert again.version != first.version  # a new calibration, the same networks
+    # a changed training image still voids the run (it changes what the stages learnt)
+    train_file = sorted((data / "train" / "good").iterdir())[0]
+    os.utime(train_file, (train_file.stat().st_atime, train_file.stat().st_mtime + 5))
+    with pytest.raises(WorkDirMismatchError):
+        train_bundle(data, out, preset=TINY_PRESET, input_size=64, progress=False)
 
 
 def test_evaluation_reports_metrics_and_pictures(trained: Path, line: Path, tmp_path: Path) -> None:
