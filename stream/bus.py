@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, TypeAlias, cast, get_args
@@ -373,6 +374,29 @@ class Bus:
 
     def keys(self) -> dict[StreamName, str]:
         return cast(dict[StreamName, str], dict(self._keys))
+
+    # the line's epoch --------------------------------------------------------------
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{self.prefix}:{{{self.line}}}:epoch"
+
+    def ensure_epoch(self) -> str:
+        """The line's epoch: a random id written once, when the line's state is first made.
+
+        A server restarted without its data (no persistence, an AOF that lost its last
+        second, a failover to an empty replica, FLUSHALL) loses it with everything else, so
+        a stage that remembers another epoch, or finds none, knows that the state it holds
+        in memory (decide's watermarks) describes a line that no longer exists.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.epoch_key, uuid.uuid4().hex, nx=True)
+        pipe.get(self.epoch_key)
+        return _text(pipe.execute()[1])
+
+    def current_epoch(self) -> str | None:
+        raw = self.client.get(self.epoch_key)
+        return None if raw is None else _text(raw)
 
     def ensure_group(self, stream: StreamName, group: str, *, start_id: str = "0") -> bool:
         """Create ``group`` (and the stream) unless it exists; True if it was created.

@@ -250,7 +250,9 @@ class DecideStage:
             "trimmed": 0,
             "reclaimed": 0,
             "reloads": 0,
+            "state_resets": 0,
         }
+        self.epoch: str | None = None  # the line's epoch this state belongs to (setup)
         self.reclaimer = Reclaimer(
             bus,
             "scores",
@@ -266,6 +268,7 @@ class DecideStage:
     # lifecycle ---------------------------------------------------------------------
 
     def setup(self) -> None:
+        self.epoch = self.bus.ensure_epoch()
         self.bus.ensure_group("scores", self.cfg.group)
         self._load_calibration()
         self.watcher = BundleWatcher(self.bundle_path, self.reload_interval_s)
@@ -299,6 +302,7 @@ class DecideStage:
         observe_queue(self.bus, self.metrics, "scores", self.cfg.group)
         return {
             "model": self.current,
+            "epoch": self.epoch,
             **self.counts,
             "missing": sum(len(c.missing) for c in self.cameras.values()),
         }
@@ -325,7 +329,34 @@ class DecideStage:
 
     # one step ----------------------------------------------------------------------
 
+    def _check_epoch(self) -> None:
+        """Forget the sequence state if Redis lost the line's (see ``Bus.ensure_epoch``).
+
+        Without this, a server restarted empty left decide holding watermarks in the millions
+        while ingest numbered new frames from 0: every new frame was dropped as already
+        judged, for hours. Frames lost with the data cannot be accounted for; new ones get
+        their verdicts."""
+        now = self.bus.current_epoch()
+        if now == self.epoch:
+            return
+        log.error(
+            "decide.state_lost",
+            epoch_was=self.epoch,
+            epoch_now=now,
+            cameras=len(self.cameras),
+            note="Redis lost the line's data (restart without persistence, lost AOF tail, "
+            "failover to an empty replica, FLUSHALL): sequence state reset; frames lost "
+            "with it got no verdict",
+        )
+        self.cameras.clear()
+        self._issued.clear()
+        self._uncounted.clear()
+        self.counts["state_resets"] += 1
+        self.epoch = self.bus.ensure_epoch()
+        self.bus.ensure_group("scores", self.cfg.group)
+
     def step(self) -> int:
+        self._check_epoch()
         if self.watcher is not None and self.watcher.changed():
             self.reload()
         reclaimed = self.reclaimer.take()
@@ -350,6 +381,9 @@ class DecideStage:
 
     def process(self, entries: list[Entry]) -> None:
         """Judge a batch of scores and commit their events and acknowledgements together."""
+        # here, not only at the top of step(): a read blocked across a server restart returns
+        # entries of the new, empty server, which the old watermarks would call duplicates
+        self._check_epoch()
         t_read = time.time()
         m = self.metrics
         m.frames_in.labels("decide").inc(len(entries))

@@ -214,6 +214,7 @@ def health(
     try:
         bus = Bus.from_settings(client, settings)
         workers = health_report(bus)
+        epoch = bus.current_epoch()
         queues = {}
         for stream, group in (("frames", settings.infer.group), ("scores", settings.decide.group)):
             st = bus.group_stats(stream, group)  # type: ignore[arg-type]
@@ -231,11 +232,19 @@ def health(
         dead = bus.length("dead")
     finally:
         client.close()
-    live = {str(w.get("stage")) for w in workers}
+    # a worker holding state of another epoch has not yet noticed that Redis lost the
+    # line's data (decide resets on its next step): not live until it has
+    stale = [w for w in workers if w.get("epoch") not in (None, epoch)]
+    live = {str(w.get("stage")) for w in workers if w not in stale}
     missing = [s for s in required if s not in live]
     if output == "json":
-        report = {"ok": not missing, "missing": missing, "workers": workers}
-        typer.echo(json.dumps({**report, "queues": queues, "dead": dead}, default=str))
+        report = {"ok": not missing, "missing": missing, "workers": workers, "epoch": epoch}
+        stale_names = [w.get("consumer") for w in stale]
+        typer.echo(
+            json.dumps(
+                {**report, "stale": stale_names, "queues": queues, "dead": dead}, default=str
+            )
+        )
     else:
         console.print(_workers_table(settings.line.id, workers))
         for stream, q in queues.items():
@@ -246,6 +255,12 @@ def health(
             )
             console.print(f"{stream}: {text}", highlight=False)
         console.print(f"dead letters: {dead}", highlight=False)
+        for w in stale:
+            console.print(
+                f"[yellow]stale:[/yellow] {w.get('stage')} {w.get('consumer')} holds state of "
+                "a line Redis no longer has (data lost?); it resets on its next step",
+                highlight=False,
+            )
     if missing:
         err_console.print(f"[red]unhealthy:[/red] no live worker for {', '.join(missing)}")
         raise typer.Exit(code=1)

@@ -242,3 +242,51 @@ def test_a_batch_caught_by_an_outage_is_rescored_as_soon_as_the_server_is_back(
         worker.join(20)
         stage.bus.client.close()
         bus.client.close()
+
+
+@pytest.mark.slow
+def test_a_server_restarted_without_its_data_still_gives_every_new_frame_one_verdict(
+    tmp_path: Path,
+) -> None:
+    """No persistence, SIGKILL, restart: the line's streams, groups, counters and watermarks
+    are gone. Decide used to keep its watermark (40 here, millions on a real line) and drop
+    every new frame as already judged; the line's epoch tells it the state is gone."""
+    server = RedisProcess(tmp_path / "redis", appendonly=False)
+    server.start()
+    try:
+        split = split_bundle()
+        bus = bus_on(server.url)
+        settings = settings_for(bus, server.url)
+        procs = workers(bus, server.url, split.path, tmp_path)
+        with stopped(*procs):
+            for p in procs:
+                p.start()
+            wait_until(
+                lambda: (
+                    {"infer-0"} <= heartbeat_consumers(bus, "infer")
+                    and {"decide-0"} <= heartbeat_consumers(bus, "decide")
+                ),
+                90,
+                "infer and decide to be ready",
+            )
+            first = IngestThread(settings, IMAGES, 40, size=SIZE, fps=50).start()
+            first.join(60)
+            first.close()
+            check_one_event_each(bus, 40, 60)
+            epoch = bus.current_epoch()
+            assert epoch is not None
+            server.restart(crash=True, down_s=1.0)  # SIGKILL without persistence: empty
+            assert bus.length("events") == 0  # the first 40 verdicts went with the data
+            # ingest restarts (systemd does) and numbers the camera's frames from 0 again
+            second = IngestThread(settings, IMAGES, 30, size=SIZE, fps=50).start()
+            second.join(90)
+            second.close()
+            check_one_event_each(bus, 30, 90)
+            assert bus.current_epoch() not in (None, epoch)
+            lost = [e for e in procs[1].logs() if e.get("event") == "decide.state_lost"]
+            assert len(lost) == 1 and lost[0]["epoch_was"] == epoch, lost
+            assert all(p.alive() for p in procs), "a worker died"
+            assert [p.stop() for p in procs] == [0, 0]
+        bus.client.close()
+    finally:
+        server.stop()

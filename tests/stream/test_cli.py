@@ -152,6 +152,35 @@ def test_health_reflects_worker_heartbeats(bus: Bus, redis_url: str) -> None:
     assert runner.invoke(app, ["health"]).exit_code == 1
 
 
+def test_health_is_unhealthy_while_decide_holds_state_of_a_lost_epoch(
+    bus: Bus, redis_url: str
+) -> None:
+    """Redis lost the line's data: until decide notices (its next step) its heartbeat still
+    names the old epoch, and health says so."""
+    runner = CliRunner(env=env_for(bus, redis_url))
+    old = bus.ensure_epoch()
+
+    class Decide:
+        name, consumer = "decide", "decide-0"
+        epoch = old
+
+        def status(self) -> dict[str, object]:
+            return {"model": "m-1", "epoch": self.epoch}
+
+    stage = Decide()
+    beat = Heartbeat(bus, stage, interval_s=1, ttl_s=5)  # type: ignore[arg-type]
+    beat.beat(force=True)
+    assert runner.invoke(app, ["health", "--stage", "decide"]).exit_code == 0
+    bus.client.delete(bus.epoch_key)  # the data is gone (the heartbeat is rewritten)
+    beat.beat(force=True)
+    result = runner.invoke(app, ["health", "--stage", "decide", "--format", "json"])
+    assert result.exit_code == 1
+    assert json.loads(result.output.splitlines()[0])["stale"] == ["decide-0"]
+    stage.epoch = bus.ensure_epoch()  # decide reset its state under the new epoch
+    beat.beat(force=True)
+    assert runner.invoke(app, ["health", "--stage", "decide"]).exit_code == 0
+
+
 def test_dead_lists_refused_messages_with_reasons_and_the_frame_they_name(
     bus: Bus, redis_url: str
 ) -> None:
