@@ -45,9 +45,18 @@ class Calibration:
     n_images: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     combine: str = "max"
+    # Branches whose validation scores were all the same (a Patch Histogram on a surface
+    # without components): their normalised score is a constant that carries no evidence but,
+    # under max, floors every fused score at it. They stay in the outputs, out of the fusion.
+    inert: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         k = len(self.branches)
+        unknown = set(self.inert) - set(self.branches)
+        if unknown or len(set(self.inert)) >= max(k, 1):
+            raise BundleError(
+                f"inert branches {self.inert} must be some, not all, of {self.branches}"
+            )
         if len(self.mu) != k or len(self.sigma) != k:
             raise BundleError(
                 f"calibration has {k} branches but {len(self.mu)} μ and {len(self.sigma)} σ"
@@ -103,7 +112,14 @@ class Calibration:
     def combined(self, contributions: np.ndarray) -> np.ndarray:
         """The fused score ``[B]`` from normalised per-branch scores ``[B, K]``."""
         c = np.asarray(contributions, dtype=np.float64)
+        if self.inert:
+            c = c[:, [k for k, b in enumerate(self.branches) if b not in self.inert]]
         return c.max(axis=1) if self.combine == "max" else c.sum(axis=1)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """The branches the fused score is made of."""
+        return tuple(b for b in self.branches if b not in self.inert)
 
     def fuse(self, scores: np.ndarray) -> np.ndarray:
         """Raw branch scores ``[B, K]`` → fused scores ``[B]``; a part fails above threshold."""
@@ -120,6 +136,7 @@ class Calibration:
             "threshold": self.threshold,
             "target_frr": self.target_frr,
             "n_images": self.n_images,
+            "inert": list(self.inert),
             "extra": self.extra,
         }
 
@@ -137,6 +154,7 @@ class Calibration:
                 n_images=int(data.get("n_images", 0)),
                 extra=dict(data.get("extra", {})),
                 combine=str(data.get("combine", "max")),
+                inert=tuple(str(b) for b in data.get("inert", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(
@@ -177,9 +195,22 @@ def fit_calibration(
         sigma = tuple(max(float(v), 1e-12) for v in np.asarray(loo_max, dtype=np.float64))
     else:
         raise ValueError(f"unknown method {method!r}; known: {METHODS}")
-    provisional = Calibration(tuple(branches), mu, sigma, 0.0, method, combine=combine)
+    inert = inert_branches(tuple(branches), s)
+    provisional = Calibration(tuple(branches), mu, sigma, 0.0, method, combine=combine, inert=inert)
     fused = provisional.fuse(s)
     threshold = float(np.quantile(fused, 1.0 - target_frr, method="higher"))
     return Calibration(
-        tuple(branches), mu, sigma, threshold, method, target_frr, int(s.shape[0]), combine=combine
-    )
+        tuple(branches), mu, sigma, threshold, method, target_frr, int(s.shape[0]),
+        combine=combine, inert=inert,
+    )  # fmt: skip
+
+
+def inert_branches(branches: tuple[str, ...], val_scores: np.ndarray) -> tuple[str, ...]:
+    """Branches whose good validation scores are all equal (to float precision): they tell
+    good parts apart from nothing, so they cannot tell defects from good parts either.
+    Decided from good images only; never all of them."""
+    s = np.asarray(val_scores, dtype=np.float64)
+    spread = s.max(axis=0) - s.min(axis=0)
+    scale = np.maximum(np.abs(s).max(axis=0), 1.0)
+    flat = tuple(b for b, d, m in zip(branches, spread, scale, strict=True) if d <= 1e-9 * m)
+    return flat if len(flat) < len(branches) else ()

@@ -270,6 +270,9 @@ def evaluate_bundle(
     metrics = compute_metrics(samples, raw, fused, bundle.branches, bundle.calibration.threshold)
     metrics["bundle"] = bundle.version
     metrics["frame_codec"] = codec.spec
+    metrics["fusion"] = bundle.calibration.combine
+    metrics["fused_branches"] = list(bundle.calibration.active)
+    metrics["inert_branches"] = list(bundle.calibration.inert)
     metrics["dataset"] = str(Path(data_dir).resolve())
     metrics["images"] = per_image(samples, raw, fused, bundle.branches)
     evaluation = Evaluation(metrics, samples, raw, fused)

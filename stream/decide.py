@@ -509,7 +509,7 @@ class DecideStage:
         verdict: Verdict = "fail" if fused > cal.threshold else "pass"
         reason = ""
         if verdict == "fail":
-            top = max(contributions, key=lambda b: contributions[b])
+            top = max(cal.active, key=lambda b: contributions[b])
             reason = (
                 f"fused score {fused:.3f} > threshold {cal.threshold:.3f}; "
                 f"largest contribution {top} ({contributions[top]:+.3f})"

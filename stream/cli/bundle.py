@@ -31,7 +31,10 @@ def bundle_info(
     table.add_row("classes", ", ".join(bundle.config.class_names))
     table.add_row("branches", ", ".join(bundle.branches))
     for name, mu, sigma in zip(cal.branches, cal.mu, cal.sigma, strict=True):
-        table.add_row(f"  {name}", f"μ={mu:.4g} σ={sigma:.4g}")
+        note = (
+            "  inert: constant on good parts, left out of the fusion" if name in cal.inert else ""
+        )
+        table.add_row(f"  {name}", f"μ={mu:.4g} σ={sigma:.4g}{note}")
     table.add_row(
         "fusion",
         f"{cal.method}, {cal.combine}, threshold {cal.threshold:.4g} (target FRR {cal.target_frr})",

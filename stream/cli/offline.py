@@ -240,6 +240,11 @@ def evaluate(
             *(fmt(block["branches"][b]) for b in branches),
         )
     console.print(table)
+    inert = f" (inert, left out: {', '.join(m['inert_branches'])})" if m["inert_branches"] else ""
+    console.print(
+        f"fused: {m['fusion']} of {', '.join(m['fused_branches'])}{inert}",
+        highlight=False,
+    )
     console.print(
         f"F1-max {fmt(m['overall']['f1_max'])}; at the calibrated threshold "
         f"{m['threshold']:.3f}: false-reject rate {fmt(m['false_reject_rate'])} on "
