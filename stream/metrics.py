@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
 from prometheus_client import (
@@ -23,10 +26,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 
 from lineguard.engines.errors import ConfigError
+from lineguard.stream.binding import bearer_ok, binding_problem
 from lineguard.stream.bus import Bus, StreamName
 
 _LATENCY_BUCKETS = (
@@ -138,26 +142,38 @@ def get_metrics() -> Metrics:
         return _metrics
 
 
-def serve_metrics(port: int | None, addr: str = "0.0.0.0") -> Callable[[], None]:
+def serve_metrics(
+    port: int | None, addr: str = "127.0.0.1", token: str | None = None
+) -> Callable[[], None]:
     """Expose ``/metrics`` on ``port`` (no-op for None); returns a function that stops it.
 
-    A second call in the same process for the same port is a no-op, so several workers in
-    one process can each ask for the endpoint.
+    With ``token`` every request must carry ``Authorization: Bearer <token>`` (401 otherwise);
+    an address off loopback needs one (see ``lineguard.stream.binding``). A second call in
+    the same process for the same port is a no-op, so several workers in one process can each
+    ask for the endpoint.
     """
     global _server_port
     if port is None:
         return lambda: None
+    problem = binding_problem("metrics endpoint", addr, token, "set LINEGUARD_METRICS__TOKEN")
+    if problem:
+        raise ConfigError(problem)
     get_metrics()
     with _lock:
         if _server_port == port:
             return lambda: None
         try:
-            server, thread = start_http_server(port, addr=addr)
+            server = make_server(
+                addr, port, _guarded(make_wsgi_app(REGISTRY), token),
+                server_class=_ThreadingServer, handler_class=_QuietHandler,
+            )  # fmt: skip
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve metrics on {addr}:{port} ({exc}); pick a free port with "
                 "LINEGUARD_METRICS__PORT or --metrics-port"
             ) from None
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
         _server_port = port
 
     def stop() -> None:
@@ -169,3 +185,29 @@ def serve_metrics(port: int | None, addr: str = "0.0.0.0") -> Callable[[], None]
             _server_port = None
 
     return stop
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
+        return None
+
+
+def _guarded(app: Any, token: str | None) -> Any:
+    if token is None:
+        return app
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        if not bearer_ok(environ.get("HTTP_AUTHORIZATION"), token):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+            )
+            return [b"a bearer token is required (LINEGUARD_METRICS__TOKEN)\n"]
+        return app(environ, start_response)
+
+    return guarded

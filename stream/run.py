@@ -50,8 +50,12 @@ def settings_env(settings: Settings, url: str | None = None) -> dict[str, str]:
     env: dict[str, str] = {}
     for section, fields in settings.model_dump(mode="json").items():
         for name, value in fields.items():
-            if section == "redis" and name in ("username", "password"):
-                secret = getattr(settings.redis, name)
+            if (section, name) in (
+                ("redis", "username"),
+                ("redis", "password"),
+                ("metrics", "token"),
+            ):
+                secret = getattr(getattr(settings, section), name)
                 value = None if secret is None else secret.get_secret_value()
             if value is None:
                 continue
@@ -129,7 +133,9 @@ class LocalPipeline:
 
     def start(self) -> LocalPipeline:
         if self.mode == "threads":
-            self._stop_metrics = serve_metrics(self.metrics_port, self.settings.metrics.addr)
+            self._stop_metrics = serve_metrics(
+                self.metrics_port, self.settings.metrics.addr, self.settings.metrics.token_value
+            )
             for stage, consumer in self.consumers():
                 self._start_thread(stage, consumer)
         else:

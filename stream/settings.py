@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from lineguard.engines.errors import ConfigError
+from lineguard.stream.binding import binding_problem
 
 ENV_PREFIX = "LINEGUARD_"
 ENV_NESTED_DELIMITER = "__"
@@ -298,10 +299,28 @@ class LimitsSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    """Prometheus endpoint; unset port = no endpoint."""
+    """Prometheus endpoint; unset port = no endpoint.
+
+    On loopback by default, like the dashboard; any other address needs ``token``, which
+    Prometheus sends as ``Authorization: Bearer <token>`` (``authorization.credentials_file``
+    in its scrape config)."""
 
     port: int | None = Field(default=None, ge=1, le=65_535)
-    addr: str = "0.0.0.0"
+    addr: str = "127.0.0.1"
+    token: SecretStr | None = None
+
+    @property
+    def token_value(self) -> str | None:
+        return None if self.token is None else self.token.get_secret_value()
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> MetricsSettings:
+        problem = binding_problem(
+            "metrics endpoint", self.addr, self.token_value, "set LINEGUARD_METRICS__TOKEN"
+        )
+        if problem and self.port is not None:
+            raise ValueError(problem)
+        return self
 
 
 class LogSettings(_Section):

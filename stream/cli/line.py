@@ -180,7 +180,9 @@ def ingest(
         size = bundle_input_size(bundle)
     codec = None if bundle is None else bundle_frame_codec(bundle)
     client = external_client(settings, "ingest")
-    stop_metrics = serve_metrics(settings.metrics.port, settings.metrics.addr)
+    stop_metrics = serve_metrics(
+        settings.metrics.port, settings.metrics.addr, settings.metrics.token_value
+    )
     try:
         bus = Bus.from_settings(client, settings)
         stop = StopFlag()
@@ -235,7 +237,9 @@ def infer(
         }
     )
     client = external_client(settings, "infer")
-    stop_metrics = serve_metrics(settings.metrics.port, settings.metrics.addr)
+    stop_metrics = serve_metrics(
+        settings.metrics.port, settings.metrics.addr, settings.metrics.token_value
+    )
     try:
         bus = Bus.from_settings(client, settings)
         stage = InferStage(
@@ -277,7 +281,9 @@ def decide(
 
     settings = load_settings({"line.id": line, "metrics.port": metrics_port})
     client = external_client(settings, "decide")
-    stop_metrics = serve_metrics(settings.metrics.port, settings.metrics.addr)
+    stop_metrics = serve_metrics(
+        settings.metrics.port, settings.metrics.addr, settings.metrics.token_value
+    )
     try:
         bus = Bus.from_settings(client, settings)
         stage = DecideStage(bus, settings, bundle, consumer=consumer, gap_grace_s=gap_grace_s)

@@ -10,8 +10,6 @@ shows production images to whoever can reach the port.
 
 from __future__ import annotations
 
-import ipaddress
-import secrets
 import socket
 import threading
 import time
@@ -21,6 +19,7 @@ import redis
 import structlog
 
 from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.stream.binding import binding_problem
 from lineguard.stream.bus import connect
 from lineguard.stream.dashboard.app import create_app
 from lineguard.stream.dashboard.data import DashboardConfig, LineView
@@ -30,32 +29,16 @@ log = structlog.get_logger("lineguard.dashboard")
 
 DEFAULT_PORT: Final = 8470
 DEFAULT_HOST: Final = "127.0.0.1"
-MIN_TOKEN_LEN: Final = 8
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_binding(host: str, token: str | None) -> None:
     """Refuse a network-reachable dashboard without a token, and tokens too short to help."""
-    if token is not None and len(token) < MIN_TOKEN_LEN:
-        raise ConfigError(
-            f"the dashboard token is {len(token)} characters; use at least {MIN_TOKEN_LEN} "
-            f"(e.g. {secrets.token_urlsafe(6)!r}… from `python -c 'import secrets; "
-            "print(secrets.token_urlsafe(24))'`)"
-        )
-    if token is None and not is_loopback(host):
-        raise ConfigError(
-            f"binding the dashboard to {host} makes it reachable from the network; pass "
-            "--token T (or set LINEGUARD_DASHBOARD__TOKEN) and open it as /?token=T, or keep "
-            "the default --host 127.0.0.1"
-        )
+    problem = binding_problem(
+        "dashboard", host, token, "pass --token T (or set LINEGUARD_DASHBOARD__TOKEN) and open "
+        "it as /?token=T"
+    )  # fmt: skip
+    if problem:
+        raise ConfigError(problem)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -68,8 +68,12 @@ def settings_env_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREF
 
 
 def resolve_interpolation(value: str) -> str:
-    """Compose-style ``${VAR:-default}`` → the default (or empty): what an unset VAR gives."""
-    return INTERPOLATION.sub(lambda m: m.group(3) or "", value)
+    """Compose-style ``${VAR:-default}`` → the default (or empty): what an unset VAR gives;
+    ``${VAR:?message}`` → a stand-in value, since compose refuses to start without VAR."""
+    return INTERPOLATION.sub(
+        lambda m: f"stand-in-{m.group(1).lower()}" if m.group(2) == ":?" else m.group(3) or "",
+        value,
+    )
 
 
 # ------------------------------------------------------------------------------- Dockerfile

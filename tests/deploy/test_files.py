@@ -61,6 +61,10 @@ def flag_values(argv: list[str], flags: tuple[str, ...]) -> dict[str, str]:
     return {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a in flags}
 
 
+# What the required Secret lineguard-metrics holds (created by the operator, not shipped).
+K8S_SECRETS = {"LINEGUARD_METRICS__TOKEN": "stand-in-metrics-token"}
+
+
 def validate_settings(env: dict[str, str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``env`` (plus nothing else from this process) must make valid lineguard settings."""
     with monkeypatch.context() as m:
@@ -132,10 +136,14 @@ def test_compose_settings_validate_per_service(
 def test_k8s_settings_validate(
     k8s_docs: list[tuple[Path, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"]
+    settings = {**by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"], **K8S_SECRETS}
     validate_settings(settings, "ConfigMap lineguard-settings", monkeypatch)
     for _path, doc in k8s_docs:
         for _key, c in df.k8s_containers(doc):
+            refs = [s["secretRef"] for s in c.get("envFrom") or [] if "secretRef" in s]
+            if any(r.get("configMapRef") for r in c.get("envFrom") or []):
+                # the metrics endpoint listens off loopback: its token must always be there
+                assert {"name": "lineguard-metrics"} in refs, f"{c['name']}: no metrics token"
             extra = {e["name"]: str(e["value"]) for e in c.get("env") or [] if "value" in e}
             validate_settings({**settings, **extra}, f"{doc['metadata']['name']}", monkeypatch)
 
@@ -444,7 +452,7 @@ def test_keda_scales_infer_on_the_lag_of_its_own_stream_and_group(
     # the field names KEDA's redis-streams scaler reads (lag-based mode needs Redis 7+)
     assert {"address", "stream", "consumerGroup", "lagCount", "activationLagCount"} <= set(meta)
     assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
-    settings_env = by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"]
+    settings_env = {**by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"], **K8S_SECRETS}
     settings = Settings.load(_nested(settings_env), env_file=None)
     bus = Bus(redis.Redis(), line=settings.line.id, prefix=settings.redis.key_prefix)
     assert meta["stream"] == bus.key("frames")

@@ -125,3 +125,39 @@ def test_batch_delay_must_fit_the_socket_timeout(bus: Bus, redis_url: str) -> No
     settings = settings_for(bus, redis_url, **{"infer.max_delay_ms": 2500})
     with pytest.raises(ConfigError, match="MAX_DELAY_MS"):
         InferStage(bus, settings, split_bundle().path)
+
+
+def test_metrics_off_loopback_need_a_token_and_check_it() -> None:
+    """The endpoint used to bind 0.0.0.0 by default with nothing asked: now loopback by
+    default, and any other address refuses to start without a token, which it then checks."""
+    import urllib.error
+
+    from lineguard.stream.settings import MetricsSettings, Settings
+
+    assert MetricsSettings().addr == "127.0.0.1"
+    with pytest.raises(ValueError, match="LINEGUARD_METRICS__TOKEN"):
+        MetricsSettings(port=9100, addr="0.0.0.0")
+    with pytest.raises(ConfigError, match="LINEGUARD_METRICS__TOKEN"):
+        Settings.load({"metrics.port": 9100, "metrics.addr": "0.0.0.0"}, env_file=None)
+    with pytest.raises(ConfigError, match="LINEGUARD_METRICS__TOKEN"):
+        serve_metrics(9100, "0.0.0.0")
+    token = "s3cret-token-for-tests"
+    ok = MetricsSettings(port=9100, addr="0.0.0.0", token=token)  # type: ignore[arg-type]
+    assert ok.token_value == token and token not in repr(ok)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    stop = serve_metrics(port, "127.0.0.1", token)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url, timeout=5)
+        assert info.value.code == 401
+        wrong = urllib.request.Request(url, headers={"Authorization": "Bearer nope"})
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(wrong, timeout=5)
+        right = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(right, timeout=5) as resp:
+            assert b"lineguard_" in resp.read()
+    finally:
+        stop()
