@@ -73,6 +73,7 @@ from lineguard.stream.protocol import (
     Verdict,
     decode_scores,
     encode,
+    frame_identity,
 )
 from lineguard.stream.settings import Settings
 from lineguard.stream.worker import BundleWatcher, Reclaimer, line_key
@@ -114,6 +115,12 @@ UNINSPECTED_REASON = (
     "frame never reached decide: trimmed from a stream or lost before scoring "
     "(sequence gap); re-check or reject the part"
 )
+DEADLINE_REASON = (
+    "no score within {ms} ms of capture (verdict deadline): infer down or behind; re-check or "
+    "reject the part"
+)
+MAX_TRACKED = 200_000  # frames waiting for their deadline; beyond it the oldest are dropped
+MAX_LATE_KEYS = 100_000
 MAX_CALIBRATIONS = 8
 MAX_GAP = 1_000_000
 MAX_UNINSPECTED_PER_STEP = 1024
@@ -251,8 +258,14 @@ class DecideStage:
             "reclaimed": 0,
             "reloads": 0,
             "state_resets": 0,
+            "late": 0,
         }
         self.epoch: str | None = None  # the line's epoch this state belongs to (setup)
+        self.deadline_s = settings.decide.deadline_ms / 1000.0
+        # frames seen in the frames stream, waiting for a verdict: (camera, seq) → capture
+        self._tracked: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._frames_cursor = "$"
+        self._deadlined: OrderedDict[tuple[str, int], float] = OrderedDict()  # → deadline
         self.reclaimer = Reclaimer(
             bus,
             "scores",
@@ -269,6 +282,7 @@ class DecideStage:
 
     def setup(self) -> None:
         self.epoch = self.bus.ensure_epoch()
+        self._frames_cursor = self._newest_frame_id()
         self.bus.ensure_group("scores", self.cfg.group)
         self._load_calibration()
         self.watcher = BundleWatcher(self.bundle_path, self.reload_interval_s)
@@ -351,6 +365,9 @@ class DecideStage:
         self.cameras.clear()
         self._issued.clear()
         self._uncounted.clear()
+        self._tracked.clear()
+        self._deadlined.clear()
+        self._frames_cursor = "0-0"  # the new server's frames stream, from its start
         self.counts["state_resets"] += 1
         self.epoch = self.bus.ensure_epoch()
         self.bus.ensure_group("scores", self.cfg.group)
@@ -368,7 +385,7 @@ class DecideStage:
             if entries:
                 self.process(entries)
             n = len(entries)
-        return n + self.resolve_gaps()
+        return n + self.resolve_gaps() + self.resolve_deadlines()
 
     def camera(self, name: str) -> CameraState:
         cam = self.cameras.get(name)
@@ -418,7 +435,10 @@ class DecideStage:
             ident = (scores.camera, scores.seq)
             if self.camera(scores.camera).has_event(scores.seq) or ident in in_batch:
                 ack_ids.append(e.id)
-                self._duplicate(scores.key)
+                if ident in self._deadlined:
+                    self._late(scores, self._deadlined.pop(ident))
+                else:
+                    self._duplicate(scores.key)
                 continue
             in_batch.add(ident)
             event = self.judge(scores, t_read)
@@ -623,6 +643,92 @@ class DecideStage:
             pending.append(_Pending(event, encode(event, self.bus.limits), ""))
         self._commit(pending, [])
         return len(pending)
+
+    # verdict deadlines ---------------------------------------------------------------
+
+    def _newest_frame_id(self) -> str:
+        """Deadlines cover frames captured from now on: older ones may have scores waiting
+        in the scores stream (decide was down, not infer), which must not be pre-empted."""
+        rows: Any = self.bus.client.xrevrange(self.bus.key("frames"), count=1)
+        return _text(rows[0][0]) if rows else "0-0"
+
+    def _track_frames(self) -> None:
+        """Note the identity and capture time of every frame ingest appended since the last
+        call (a plain XREAD: the frames stay infer's)."""
+        key = self.bus.key("frames")
+        while True:
+            reply: Any = self.bus.client.xread({key: self._frames_cursor}, count=1000)
+            rows = reply[0][1] if reply else []
+            for entry_id, fields in rows:
+                self._frames_cursor = _text(entry_id)
+                ident = frame_identity(fields.get(ENTRY_FIELD), self.bus.limits)
+                if ident is None or ident.line != self.bus.line:
+                    continue  # infer dead-letters it; nothing to wait for
+                self._tracked[(ident.camera, ident.seq)] = ident.t_capture
+                if len(self._tracked) > MAX_TRACKED:
+                    self._tracked.popitem(last=False)
+            if len(rows) < 1000:
+                return
+
+    def resolve_deadlines(self) -> int:
+        """``uninspected`` (deadline) for every tracked frame past capture + deadline that has
+        no verdict yet: the gate gets an answer on time even while infer is down."""
+        if self.deadline_s <= 0:
+            return 0
+        self._track_frames()
+        now = time.time()
+        due: list[tuple[str, int]] = []
+        captured: dict[tuple[str, int], float] = {}
+        for ident, t_capture in self._tracked.items():
+            if now < t_capture + self.deadline_s:
+                continue
+            if self.camera(ident[0]).has_event(ident[1]):
+                continue
+            if self._not_issued(*ident):
+                continue  # not numbered by ingest: no verdict owed (decide says so for scores)
+            due.append(ident)
+            captured[ident] = t_capture
+        for ident in [i for i, t in self._tracked.items() if now >= t + self.deadline_s]:
+            del self._tracked[ident]
+        if not due:
+            return 0
+        due = sorted(due)[:MAX_UNINSPECTED_PER_STEP]
+        pipe = self.bus.client.pipeline(transaction=False)
+        for name, q in due:
+            pipe.exists(self.seen_key(name, q))
+        exists = pipe.execute()
+        reason = DEADLINE_REASON.format(ms=int(self.deadline_s * 1000))
+        t_event = time.time()
+        pending: list[_Pending] = []
+        for (name, q), ex in zip(due, exists, strict=True):
+            if int(ex):
+                self.camera(name).mark(q)  # a peer judged it
+                continue
+            t_capture = captured[(name, q)]
+            latency = {"total": max(0.0, t_event - t_capture)}
+            event = Event(
+                self.bus.line, name, q, "uninspected", None, None, {}, self.current or "",
+                latency, reason, t_capture, t_event,
+            )  # fmt: skip
+            pending.append(_Pending(event, encode(event, self.bus.limits), ""))
+            self._deadlined[(name, q)] = t_event
+            if len(self._deadlined) > MAX_LATE_KEYS:
+                self._deadlined.popitem(last=False)
+        self._commit(pending, [])
+        return len(pending)
+
+    def _late(self, scores: Scores, t_deadline: float) -> None:
+        """A score for a frame already given its deadline verdict: counted, never a second
+        verdict (the part has passed the gate)."""
+        self.counts["late"] += 1
+        self.metrics.late_scores.labels("decide").inc()
+        with frame_context(scores.key):
+            log.warning(
+                "decide.late_score",
+                late_s=round(max(0.0, time.time() - t_deadline), 3),
+                error=scores.error,
+                note="the frame was declared uninspected at its deadline; no second verdict",
+            )
 
     def inflight(self) -> set[tuple[str, int]] | None:
         """(camera, seq) of every frame still somewhere between ingest and decide's commit,

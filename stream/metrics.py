@@ -96,6 +96,11 @@ class Metrics:
             "lineguard_duplicates_total", "Redelivered or duplicated messages dropped.",
             ["stage"], registry=r,
         )  # fmt: skip
+        self.late_scores = Counter(
+            "lineguard_late_scores_total",
+            "Scores that arrived after their frame's deadline verdict (uninspected) was made.",
+            ["stage"], registry=r,
+        )  # fmt: skip
         self.frame_errors = Counter(
             "lineguard_frame_errors_total", "Frames that became an error instead of a score.",
             ["stage"], registry=r,

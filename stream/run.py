@@ -71,6 +71,17 @@ def settings_env(settings: Settings, url: str | None = None) -> dict[str, str]:
     return env
 
 
+def without_deadline_at_max_rate(settings: Settings, rate: float | None) -> Settings:
+    """Settings for feeding a recording or folder as fast as possible: no verdict deadline
+    unless one was set explicitly. Frames are stamped when sent, so at the maximum rate they
+    queue by design and a deadline would turn the queue into `uninspected` verdicts; a line
+    fed by a camera in real time keeps it."""
+    if rate is not None or "deadline_ms" in settings.decide.model_fields_set:
+        return settings
+    decide = settings.decide.model_copy(update={"deadline_ms": 0})
+    return settings.model_copy(update={"decide": decide})
+
+
 @dataclass
 class _ThreadWorker:
     name: str
@@ -298,6 +309,7 @@ def run_line(
     before the workers stop."""
     bundle = Path(bundle)
     size = size or bundle_input_size(bundle)
+    settings = without_deadline_at_max_rate(settings, rate)
     stop = StopFlag()
     with signals_stop(stop), redis_url_for(settings) as url:
         pipeline = LocalPipeline(

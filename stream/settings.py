@@ -271,6 +271,14 @@ class DecideSettings(_Section):
     max_deliveries: int = Field(default=3, ge=1, le=1000)
     events_max_len: int = Field(default=100_000, ge=1, description="MAXLEN ~ of events")
     dedup_ttl_s: int = Field(default=3600, ge=1, description="how long a frame key is remembered")
+    deadline_ms: int = Field(
+        default=5000,
+        ge=0,
+        le=86_400_000,
+        description="verdict no later than capture + this: `uninspected` (deadline) when no "
+        "score came in time; 0 = no deadline. Size it as the camera-to-gate travel time minus "
+        "the gate's actuation time and a margin",
+    )
 
     @field_validator("group")
     @classmethod

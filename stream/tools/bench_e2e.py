@@ -39,7 +39,7 @@ from lineguard.stream.bus import Bus, connect
 from lineguard.stream.decide import STAGES
 from lineguard.stream.feed import EventCollector, events_cursor, send_source
 from lineguard.stream.ingest import bundle_frame_codec, bundle_input_size
-from lineguard.stream.run import LocalPipeline, Mode
+from lineguard.stream.run import LocalPipeline, Mode, without_deadline_at_max_rate
 from lineguard.stream.server import redis_url_for
 from lineguard.stream.settings import Settings, redacted_url
 from lineguard.stream.sources import ArraySource
@@ -108,6 +108,7 @@ def bench_e2e(
         redis={"key_prefix": prefix},
         ingest={"max_len": max(settings.ingest.max_len, frames + warmup + 100)},
     )
+    cfg = without_deadline_at_max_rate(cfg, rate)
     with tempfile.TemporaryDirectory(prefix="lineguard-bench-e2e-") as tmp:
         bundle_path = bundle_or_untrained(bundle, Path(tmp), say)
         size = bundle_input_size(bundle_path)

@@ -43,7 +43,7 @@ from lineguard.stream.bus import Bus, connect
 from lineguard.stream.feed import EventCollector, events_cursor, send_source
 from lineguard.stream.ingest import bundle_frame_codec, bundle_input_size
 from lineguard.stream.protocol import Event, LowResMap
-from lineguard.stream.run import LocalPipeline, Mode
+from lineguard.stream.run import LocalPipeline, Mode, without_deadline_at_max_rate
 from lineguard.stream.server import redis_url_for
 from lineguard.stream.settings import Settings
 from lineguard.stream.sources import ArraySource, read_image
@@ -428,6 +428,7 @@ def run_demo(
             ),
         }
     )
+    cfg = without_deadline_at_max_rate(cfg, rate)
     t = time.perf_counter()
     con.print("[bold]3/4[/bold] embedded Valkey, infer and decide workers")
     with redis_url_for(cfg) as url:

@@ -209,6 +209,7 @@ def worker_env(url: str, bus: Bus, **settings: Any) -> dict[str, str]:
         LINEGUARD_LINE__ID=bus.line,
         LINEGUARD_LOG__FORMAT="json",
         LINEGUARD_LOG__LEVEL="info",
+        LINEGUARD_DECIDE__DEADLINE_MS="0",  # as in pipeline_helpers.settings_for
     )
     for key, value in settings.items():
         env["LINEGUARD_" + key.upper().replace(".", "__")] = str(value)

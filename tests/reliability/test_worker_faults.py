@@ -192,3 +192,44 @@ def test_backpressure_keeps_the_stream_bounded_and_trimmed_frames_are_uninspecte
     frame_bytes = SIZE * SIZE * 3
     assert max(memory) < (max_len + 2) * frame_bytes * 1.5, max(memory)
     bus.client.close()
+
+
+def test_infer_down_past_the_deadline_every_frame_gets_one_verdict_on_time(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Infer is not running: each frame gets `uninspected` (deadline) within deadline + a
+    small tolerance. Infer then starts and scores them all: no second verdict (each is
+    counted late); frames captured after its return get their normal verdicts."""
+    split = split_bundle()
+    bus = bus_on(redis_url)
+    settings = settings_for(bus, redis_url)
+    env = worker_env(redis_url, bus, **{"decide.deadline_ms": 1500})
+    decide = decide_proc(env, split.path, tmp_path / "decide.log")
+    infer = infer_proc(env, split.path, "infer-0", tmp_path / "infer.log")
+    with stopped(decide, infer):
+        decide.start()
+        wait_until(lambda: "decide-0" in heartbeat_consumers(bus, "decide"), 60, "decide up")
+        first = IngestThread(settings, IMAGES, 12, size=SIZE, fps=20).start()
+        first.join(30)
+        first.close()
+        events = wait_for_every_seq(bus, "cam0", 12, 15)
+        assert {e.verdict for e in events} == {"uninspected"}
+        assert all("deadline" in e.reason for e in events)
+        late = max(e.t_event - e.t_capture for e in events)
+        assert 1.5 <= late < 1.5 + 3.0, late  # the deadline, plus decide's step and a loaded box
+        infer.start()
+        wait_until(lambda: bus.length("scores") >= 12, 90, "infer to score the backlog")
+        second = IngestThread(settings, IMAGES, 6, size=SIZE, fps=5).start()
+        second.join(30)
+        second.close()
+        events = wait_for_every_seq(bus, "cam0", 18, 60)
+        assert Counter(e.seq for e in events) == Counter(range(18))  # one each
+        after = {e.seq: e.verdict for e in events if e.seq >= 12}
+        assert after == {12 + i: EXPECTED[i % 3] for i in range(6)}
+        wait_until(
+            lambda: len([e for e in decide.logs() if e.get("event") == "decide.late_score"]) >= 12,
+            30,
+            "the late scores to be counted",
+        )
+        assert [decide.stop(), infer.stop()] == [0, 0]
+    bus.client.close()

@@ -112,6 +112,9 @@ def settings_for(bus: Bus, url: str, **overrides: Any) -> Settings:
         "redis.key_prefix": bus.prefix,
         "line.id": bus.line,
         "ingest.encoding": "png",
+        # no verdict deadline unless a test asks for one: these tests stop and restart workers
+        # on a loaded CI box and check the verdicts they then make (tests/**/test_*deadline*)
+        "decide.deadline_ms": 0,
     }
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     return Settings.load(base, env_file=None)

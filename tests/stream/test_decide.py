@@ -208,3 +208,37 @@ def test_a_camera_ingest_never_numbered_opens_only_bounded_holes(bus: Bus, redis
     assert Counter(e.verdict for e in events) == {"pass": sent, "uninspected": opened}
     assert bus.dead_letters()[0].reason == "seq_not_issued"
     assert "has opened 256 holes already" in bus.dead_letters()[0].detail
+
+
+def test_a_frame_without_a_score_gets_uninspected_at_its_deadline_and_only_that(
+    bus: Bus, redis_url: str
+) -> None:
+    """Infer is down: frames ingest sent get `uninspected` (deadline) at capture + deadline;
+    their scores arriving later are counted as late, never a second verdict; a frame scored
+    in time gets its normal verdict."""
+    from lineguard.stream.ingest import Ingestor
+    from tests.stream.pipeline_helpers import GOOD
+
+    split = split_bundle()
+    settings = settings_for(bus, redis_url, **{"decide.block_ms": 50, "decide.deadline_ms": 400})
+    stage = DecideStage(bus, settings, split.path, consumer="d")
+    stage.setup()
+    ing = Ingestor(bus, camera="cam0", size=64, encoding="png")
+    sent = [ing.send(GOOD) for _ in range(5)]
+    t_sent = time.time()
+    while len(all_events(bus)) < 5 and time.time() - t_sent < 10:
+        stage.step()
+    events = all_events(bus)
+    assert [(e.seq, e.verdict) for e in events] == [(s, "uninspected") for s in range(5)]
+    assert all("deadline" in e.reason and "400 ms" in e.reason for e in events)
+    for e, s in zip(events, sent, strict=True):
+        assert 0.4 <= e.t_event - s.frame.t_capture < 3.0  # on time, not before
+    for s in range(5):  # infer is back: the scores arrive late
+        bus.add("scores", scores(split, s))
+    drain(stage)
+    assert len(all_events(bus)) == 5 and stage.counts["late"] == 5
+    assert stage.counts["duplicates"] == 0
+    ing.send(GOOD)
+    bus.add("scores", scores(split, 5))
+    drain(stage)
+    assert verdicts(bus)[5] == "pass" and len(all_events(bus)) == 6
