@@ -266,3 +266,47 @@ def bench_soak_cmd(
         for problem in result["problems"]:
             err_console.print(f"[red]soak failed:[/red] {problem}", highlight=False)
         raise typer.Exit(code=1)
+
+
+@app.command("chaos")
+@friendly_errors
+def bench_chaos_cmd(
+    minutes: Annotated[float, typer.Option(metavar="MIN", help="How long to inject faults.")] = 3.0,
+    rate: Annotated[
+        float, typer.Option(metavar="FPS", help="Frames per second sent by ingest.")
+    ] = 10.0,
+    interval: Annotated[
+        float, typer.Option(metavar="S", help="Mean seconds between SIGKILLs.")
+    ] = 8.0,
+    bundle: BenchBundleOpt = None,
+    seed: Annotated[int, typer.Option(help="Which faults, in which order.")] = 0,
+    json_path: JsonOpt = None,
+) -> None:
+    """SIGKILL ingest, infer, decide and the server at random while frames flow, then check
+    that every frame got exactly one verdict; exit 1 if one was lost or doubled."""
+    from lineguard.stream.tools.chaos import chaos
+
+    settings = load_settings({}, quiet=True)
+    result = chaos(
+        settings,
+        minutes=minutes,
+        rate=rate,
+        interval_s=interval,
+        bundle=bundle,
+        seed=seed,
+        say=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False),
+    )
+    write_json(json_path, result)
+    v, lat = result["verdicts"], result["latency_s"]
+    console.print(
+        f"chaos: {result['sent']} frames, {result['faults_total']} faults {result['faults']}; "
+        f"verdicts {v}; lost {result['lost']}, duplicates {result['duplicates']}, phantoms "
+        f"{result['phantoms']}; capture→verdict p50 {lat['p50']} s, p99 {lat['p99']} s, "
+        f"max {lat['max']} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not result["ok"]:
+        for problem in result["problems"]:
+            err_console.print(f"[red]chaos:[/red] {problem}", highlight=False)
+        raise typer.Exit(code=1)
