@@ -58,7 +58,8 @@ def test_the_tree_has_every_command() -> None:
     expected = {"run", "ingest", "infer", "decide", "replay", "events", "health", "dashboard"}
     expected |= {"dead"}
     expected |= {"demo", "synth", "train", "evaluate", "refit", "fewshot-curve"}
-    expected |= {"bench model", "bench knn", "bench e2e", "bench soak", "bundle info"}
+    expected |= {"bench model", "bench knn", "bench e2e", "bench soak", "bench chaos"}
+    expected |= {"bundle info"}
     assert expected <= names, expected - names
     assert all(len(c) <= 2 for c in COMMANDS)
 
