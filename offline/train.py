@@ -28,7 +28,13 @@ from safetensors.torch import load_file, save_file
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
 from lineguard.engines.errors import ConfigError, LineguardError
 from lineguard.engines.model import CSADModel, ModelConfig
-from lineguard.offline.banks import BANK_BRANCHES, fit_banks
+from lineguard.offline.banks import (
+    BANK_BRANCHES,
+    PATCH_BANK_CAP,
+    PATCH_BANK_FRACTION,
+    coreset_size,
+    fit_banks,
+)
 from lineguard.offline.calibrate import calibrate
 from lineguard.offline.datasets import Dataset, load_image, open_dataset
 from lineguard.offline.lgst_train import (
@@ -52,7 +58,11 @@ class TrainPreset:
     lgst: LGSTTrainConfig = field(default_factory=LGSTTrainConfig)
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     max_train: int | None = None  # cap on training images (the demo uses a subset)
-    patch_bank: int = 4096  # patch memory bank size; 0 trains CSAD's two branches only
+    # Patch memory bank size; 0 trains CSAD's two branches only; None sizes it by the data:
+    # patch_bank_fraction of all training patches, at most patch_bank_cap (offline.banks).
+    patch_bank: int | None = None
+    patch_bank_fraction: float = PATCH_BANK_FRACTION
+    patch_bank_cap: int = PATCH_BANK_CAP
     hist_bank: bool = False  # PSAD's class-histogram bank over every training image
     comp_bank: bool = False  # PSAD's composition-embedding bank over every training image
     fewshot_shots: int = 0  # training-free few-shot branch from the first k training images
@@ -269,7 +279,7 @@ def train_bundle(
         input_size=input_size,
         profile=profile,
         class_names=tuple(state["class_names"]),
-        patch_bank=preset.patch_bank,
+        patch_bank=0,
         hist_bank=len(train_images) if preset.hist_bank else 0,
         comp_bank=len(train_images) if preset.comp_bank else 0,
         fewshot_shots=preset.fewshot_shots,
@@ -277,6 +287,12 @@ def train_bundle(
         position_prior=preset.position_prior,
         position_scale=preset.position_scale,
     )
+    bank_size = preset.patch_bank
+    if bank_size is None:
+        patches = len(train_images) * config.patch_grid**2
+        bank_size = coreset_size(patches, preset.patch_bank_fraction, preset.patch_bank_cap)
+        note(f"  patch bank: {bank_size} of {patches} training patches")
+    config = replace(config, patch_bank=bank_size)
     if preset.fewshot_shots > len(train_images):
         raise ConfigError(
             f"the few-shot branch wants {preset.fewshot_shots} images; there are "
