@@ -176,16 +176,34 @@ def _naive_k_center(x: torch.Tensor, first: int, size: int) -> list[int]:
     return chosen
 
 
-def test_pruned_coreset_picks_what_the_textbook_greedy_picks() -> None:
+def test_greedy_coreset_is_the_textbook_greedy() -> None:
     torch.manual_seed(0)
     centres = torch.randn(30, 16) * 4
     x = centres[torch.randint(30, (3000,))] + 0.5 * torch.randn(3000, 16)
     chosen = greedy_coreset(x, 200, projection_dim=16).tolist()
     naive = _naive_k_center(x, chosen[0], 200)
-    # skipping clusters changes nothing: the same picks up to float near-ties (the 156th here
-    # is a tie to 1e-5), and the same covering radius after every pick
+    # the same picks up to float near-ties (‖x‖² − 2x·p + ‖p‖² against (x − p)²; the 156th
+    # here is a tie to 1e-5), and the same covering radius after every pick
     assert chosen[:150] == naive[:150]
     np.testing.assert_allclose(_radii(x, chosen), _radii(x, naive), rtol=1e-3)
+
+
+def test_two_stage_coreset_keeps_a_rare_patch_and_covers_every_image() -> None:
+    from lineguard.offline.banks import bank_coreset, local_coreset
+
+    torch.manual_seed(0)
+    centres = torch.randn(4, 8) * 3
+    patches = centres[torch.randint(4, (20, 64))] + 0.2 * torch.randn(20, 64, 8)
+    patches[7, 40] = 50.0  # one patch of one image unlike anything else
+    local = local_coreset(patches, 3)
+    assert local.shape == (60,) and 7 * 64 + 40 in local.tolist()
+    assert torch.equal(local.view(20, 3) // 64, torch.arange(20).view(20, 1).expand(20, 3))
+    owners = torch.arange(20).repeat_interleave(64)
+    chosen = bank_coreset(patches.reshape(-1, 8), owners, 8, projection_dim=8)
+    assert len(set(chosen.tolist())) == 8 and 7 * 64 + 40 in chosen.tolist()
+    # one entry per cluster at least: every patch lies near the bank
+    d = torch.cdist(patches.reshape(-1, 8), patches.reshape(-1, 8)[chosen]).amin(dim=1)
+    assert float(d.max()) < 2.0
 
 
 def _radii(x: torch.Tensor, chosen: list[int]) -> np.ndarray:
