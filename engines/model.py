@@ -33,6 +33,22 @@ from lineguard.engines.segmentation import SegmentationHead
 
 CSAD_BRANCHES: tuple[str, ...] = ("patch_hist", "lgst")
 PATCH_SEARCHES = ("graph", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+# Largest patch bank searched inside the graph when the search is left to lineguard ("auto"):
+# up to here the matrix product keeps ONNX Runtime at ≥ 8 images/s at batch 8 on two cores and
+# the bundle runs on every runtime, TensorRT included; a larger bank is searched with faiss
+# HNSW after the engine (docs/patch_bank/README.md has the measurements).
+GRAPH_SEARCH_MAX = 16_384
+AUTO_SEARCH = "faiss-hnsw"
+
+
+def resolve_patch_search(search: str, bank_size: int) -> str:
+    """``auto`` → the in-graph search up to ``GRAPH_SEARCH_MAX`` entries, faiss above it; any
+    other value is kept (``graph`` forces the in-graph search, e.g. for TensorRT)."""
+    if search != "auto":
+        return search
+    return "graph" if bank_size <= GRAPH_SEARCH_MAX else AUTO_SEARCH
+
+
 SEGMENTATION_WIDTH = {"paper": 256, "lite": 64}
 
 

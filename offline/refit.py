@@ -18,7 +18,7 @@ import numpy as np
 
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
 from lineguard.engines.errors import BundleError, ConfigError
-from lineguard.engines.model import CSADModel, ModelConfig
+from lineguard.engines.model import CSADModel, ModelConfig, resolve_patch_search
 from lineguard.offline.banks import BANK_BRANCHES, coreset_size, fit_banks
 from lineguard.offline.calibrate import calibrate
 from lineguard.offline.datasets import load_image, open_dataset
@@ -82,7 +82,10 @@ def refit_bundle(
         hist_bank=images_if(hist_bank, old.hist_bank),
         comp_bank=images_if(comp_bank, old.comp_bank),
         fewshot_shots=old.fewshot_shots if fewshot_shots is None else fewshot_shots,
-        patch_search=patch_search or old.patch_search,
+        patch_search=resolve_patch_search(
+            patch_search or old.patch_search,
+            old.patch_bank if patch_bank is None else patch_bank,
+        ),
         position_prior=prior,
         position_scale=ModelConfig.position_scale_for(prior, position_scale, old.position_scale),
     )

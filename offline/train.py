@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
 from lineguard.engines.errors import ConfigError, LineguardError
-from lineguard.engines.model import CSADModel, ModelConfig
+from lineguard.engines.model import CSADModel, ModelConfig, resolve_patch_search
 from lineguard.offline.banks import (
     BANK_BRANCHES,
     PATCH_BANK_CAP,
@@ -63,6 +63,14 @@ class TrainPreset:
     patch_bank: int | None = None
     patch_bank_fraction: float = PATCH_BANK_FRACTION
     patch_bank_cap: int = PATCH_BANK_CAP
+    # The patch banks' descriptor (engines.knn): "mid" (PatchCore's strides 8 + 16), "shallow"
+    # (strides 4 + 8) or "auto", decided from the pseudo-labels of the good images: a surface
+    # (no component found) gets "mid", an assembly "shallow". Neither wins both: on the real
+    # magnetic tiles the patch bank alone scores 0.886 image AUROC with "mid" against 0.782
+    # with "shallow"; on the synthetic tray line (seed 1, the selection line) its structural
+    # AUROC is 0.797 with "mid" against 0.977 with "shallow", whose finer grid keeps the
+    # line's small scratches and specks apart from the good edges.
+    patch_descriptor: str = "auto"
     hist_bank: bool = False  # PSAD's class-histogram bank over every training image
     comp_bank: bool = False  # PSAD's composition-embedding bank over every training image
     fewshot_shots: int = 0  # training-free few-shot branch from the first k training images
@@ -176,7 +184,7 @@ def train_bundle(
     fewshot_shots: int | None = None,
     position_prior: bool | None = None,
     position_scale: bool | None = None,
-    patch_search: str = "graph",
+    patch_search: str = "auto",
     progress: bool = True,
     restart: bool = False,
     log: Callable[[str], None] | None = None,
@@ -283,16 +291,26 @@ def train_bundle(
         hist_bank=len(train_images) if preset.hist_bank else 0,
         comp_bank=len(train_images) if preset.comp_bank else 0,
         fewshot_shots=preset.fewshot_shots,
-        patch_search=patch_search,
+        patch_search="graph",  # resolved with the bank size below
         position_prior=preset.position_prior,
         position_scale=preset.position_scale,
     )
+    descriptor = preset.patch_descriptor
+    if descriptor == "auto":
+        descriptor = "shallow" if labels.any() else "mid"
+        kind = "components found: an assembly" if labels.any() else "no components: a surface"
+        note(f"  patch descriptor: {descriptor} ({kind})")
+    config = replace(config, patch_descriptor=descriptor)
     bank_size = preset.patch_bank
     if bank_size is None:
         patches = len(train_images) * config.patch_grid**2
         bank_size = coreset_size(patches, preset.patch_bank_fraction, preset.patch_bank_cap)
         note(f"  patch bank: {bank_size} of {patches} training patches")
-    config = replace(config, patch_bank=bank_size)
+    config = replace(
+        config,
+        patch_bank=bank_size,
+        patch_search=resolve_patch_search(patch_search, bank_size),
+    )
     if preset.fewshot_shots > len(train_images):
         raise ConfigError(
             f"the few-shot branch wants {preset.fewshot_shots} images; there are "

@@ -80,3 +80,14 @@ def test_a_manifest_without_the_field_keeps_the_old_descriptor() -> None:
     assert model.patch_knn is not None and tuple(model.patch_knn.bank.shape) == (8, 64)
     with pytest.raises(ConfigError, match="patch_descriptor"):
         ModelConfig(patch_descriptor="deep")
+
+
+def test_auto_search_stays_in_the_graph_up_to_the_cap_and_can_be_forced() -> None:
+    from lineguard.engines.model import GRAPH_SEARCH_MAX, resolve_patch_search
+    from lineguard.offline.banks import PATCH_BANK_CAP
+
+    assert GRAPH_SEARCH_MAX >= PATCH_BANK_CAP  # a default bank runs everywhere, TensorRT too
+    assert resolve_patch_search("auto", GRAPH_SEARCH_MAX) == "graph"
+    assert resolve_patch_search("auto", GRAPH_SEARCH_MAX + 1).startswith("faiss-")
+    assert resolve_patch_search("graph", 10**6) == "graph"  # forced
+    assert resolve_patch_search("faiss-ivf", 16) == "faiss-ivf"

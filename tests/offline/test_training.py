@@ -75,6 +75,7 @@ def test_training_writes_a_verified_calibrated_bundle(trained: Path) -> None:
     assert float(model.fewshot_knn.bank.norm(dim=1).min()) == pytest.approx(1.0, abs=1e-4)
     assert float(model.lgst.teacher.std.min()) > 0  # teacher normalisation was fitted
     assert bundle.config.position_prior and bundle.config.position_scale  # the defaults
+    assert bundle.config.patch_descriptor == "shallow"  # components found: an assembly
     assert float(model.prior_scale_lgst.std()) > 0  # the spread was fitted
     state = json.loads((trained.with_name("tray.work") / "state.json").read_text())
     assert state["done"] == ["pseudo_labels", "segmentation", "lgst", "banks", "calibration"]
