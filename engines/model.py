@@ -94,8 +94,8 @@ class ModelConfig:
     fewshot_shots: int = 0  # good images behind the training-free few-shot branch; 0: none
     patch_search: str = "graph"  # patch bank search: in the graph, or faiss-flat|ivf|hnsw after it
     # Patch descriptor of the patch and composition banks (engines.knn): "mid" is PatchCore's
-    # (strides 8 + 16), "shallow" the stride 4 + 8 taps of bundles written before it existed
-    # (a manifest without this field reads as "shallow", so those bundles score as before).
+    # (strides 8 + 16), "shallow" the stride 4 + 8 taps; a manifest written before the field
+    # existed reads as "shallow", the only descriptor then, so those bundles score as before.
     patch_descriptor: str = "mid"
     position_prior: bool = False  # subtract good parts' mean map per position before the max
     position_scale: bool = False  # and divide the LGST map by their spread there (needs prior)
