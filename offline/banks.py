@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from lineguard.engines.backbones import backbone_spec
 from lineguard.engines.banks import class_shares, composition, fewshot_descriptors
-from lineguard.engines.model import CSADModel
+from lineguard.engines.knn import descriptor_kind
+from lineguard.engines.model import CSADModel, ModelConfig
 from lineguard.offline.lgst_train import batched
 
 BANK_BRANCHES = ("patch_knn", "hist_knn", "comp_knn", "fewshot_knn")
@@ -36,6 +38,11 @@ BANK_BRANCHES = ("patch_knn", "hist_knn", "comp_knn", "fewshot_knn")
 # (on the magnetic tiles: 16 384 of 545 792 patches, 3 %) is measured in docs/patch_bank/.
 PATCH_BANK_FRACTION = 0.1
 PATCH_BANK_CAP = 16_384
+# The in-graph search's cost per image (multiply-adds) at the cap with lite0's mid descriptor
+# (1024 patches of 152-d at 256 px). A descriptor with more patches or dimensions gets fewer
+# entries for the same time: the stride-4 descriptor (4096 patches of 64-d) 9 728 entries. Its
+# 16 384-entry bank ran at 9.3 and 6.8 images/s in two runs of bench model, against 8.
+SEARCH_MACS = PATCH_BANK_CAP * 1024 * 152
 PATCH_BANK_MIN = 256  # a handful of images still gets a bank that covers their patches
 PROJECTION_DIM = 128  # PatchCore's random projection for the selection distances
 # Every training patch is a coreset candidate (PatchCore) while they fit in this much memory;
@@ -88,6 +95,14 @@ def _project(x: torch.Tensor, dim: int, generator: torch.Generator) -> torch.Ten
         return x
     proj = torch.randn(x.shape[-1], dim, generator=generator) / dim**0.5
     return x @ proj
+
+
+def bank_cap(config: ModelConfig, cap: int = PATCH_BANK_CAP) -> int:
+    """The most entries this model's patch bank gets: ``cap``, or fewer where its descriptor
+    makes each entry dearer to search than lite0's mid descriptor at 256 px."""
+    dim = descriptor_kind(config.patch_descriptor).dim(backbone_spec(config.backbone).channels)
+    per_entry = config.patch_grid**2 * dim
+    return max(min(PATCH_BANK_MIN, cap), min(cap, SEARCH_MACS // per_entry))
 
 
 def greedy_coreset(

@@ -19,7 +19,7 @@ import numpy as np
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
 from lineguard.engines.errors import BundleError, ConfigError
 from lineguard.engines.model import CSADModel, ModelConfig, resolve_patch_search
-from lineguard.offline.banks import BANK_BRANCHES, coreset_size, fit_banks
+from lineguard.offline.banks import BANK_BRANCHES, bank_cap, coreset_size, fit_banks
 from lineguard.offline.calibrate import calibrate
 from lineguard.offline.datasets import load_image, open_dataset
 
@@ -72,9 +72,10 @@ def refit_bundle(
     if patch_bank is None and descriptor != old.patch_descriptor and old.patch_bank:
         patch_bank = "auto"
     if patch_bank == "auto":
-        grid = replace(old, patch_descriptor=descriptor).patch_grid
-        patch_bank = coreset_size(len(train_images) * grid * grid)
-        log(f"patch bank: {patch_bank} of {len(train_images) * grid * grid} training patches")
+        target = replace(old, patch_descriptor=descriptor)
+        patches = len(train_images) * target.patch_grid**2
+        patch_bank = coreset_size(patches, cap=bank_cap(target))
+        log(f"patch bank: {patch_bank} of {patches} training patches")
     config = replace(
         old,
         patch_descriptor=descriptor,

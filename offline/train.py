@@ -32,6 +32,7 @@ from lineguard.offline.banks import (
     BANK_BRANCHES,
     PATCH_BANK_CAP,
     PATCH_BANK_FRACTION,
+    bank_cap,
     coreset_size,
     fit_banks,
 )
@@ -304,7 +305,8 @@ def train_bundle(
     bank_size = preset.patch_bank
     if bank_size is None:
         patches = len(train_images) * config.patch_grid**2
-        bank_size = coreset_size(patches, preset.patch_bank_fraction, preset.patch_bank_cap)
+        cap = bank_cap(config, preset.patch_bank_cap)
+        bank_size = coreset_size(patches, preset.patch_bank_fraction, cap)
         note(f"  patch bank: {bank_size} of {patches} training patches")
     config = replace(
         config,

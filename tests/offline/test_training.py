@@ -13,7 +13,7 @@ import torch
 from lineguard.engines.bundle import load_bundle
 from lineguard.engines.errors import LineguardError
 from lineguard.engines.model import CSADModel, ModelConfig
-from lineguard.offline.banks import PATCH_BANK_CAP, coreset_size, greedy_coreset
+from lineguard.offline.banks import PATCH_BANK_CAP, bank_cap, coreset_size, greedy_coreset
 from lineguard.offline.evaluate import compute_metrics, evaluate_bundle
 from lineguard.offline.lgst_train import (
     TEACHER_CACHE_BYTES,
@@ -221,6 +221,11 @@ def test_coreset_size_is_a_share_of_the_patches_with_a_cap() -> None:
     assert coreset_size(10**6, fraction=0.01, cap=50_000) == 10_000
     with pytest.raises(ValueError, match="fraction"):
         coreset_size(1000, fraction=0.0)
+    mid = ModelConfig(patch_bank=8)  # lite0, 256 px: 1024 patches of 152-d
+    assert bank_cap(mid) == PATCH_BANK_CAP
+    # four times the patches at 64-d: the same search time buys fewer entries
+    assert bank_cap(ModelConfig(patch_bank=8, patch_descriptor="shallow")) == 9728
+    assert bank_cap(mid, cap=1000) == 1000
 
 
 def test_losses_and_lsa() -> None:
@@ -363,7 +368,8 @@ def test_refit_to_patchcores_descriptor_scores_alike_on_every_path(
     out = refit_bundle(legacy.path, line, tmp_path / "mid", patch_descriptor="mid")
     assert out.config.patch_descriptor == "mid"
     n_train = len(open_dataset(line).train)
-    assert out.config.patch_bank == coreset_size(n_train * out.config.patch_grid**2)
+    cap = bank_cap(out.config)
+    assert out.config.patch_bank == coreset_size(n_train * out.config.patch_grid**2, cap=cap)
     model = out.build_model()
     assert model.patch_knn is not None and model.patch_knn.bank.shape[1] == 152
     dataset = open_dataset(line)
