@@ -22,12 +22,34 @@ from lineguard.engines.banks import FewShotBank, ImageBank, class_shares, compos
 from lineguard.engines.codec import FrameCodec
 from lineguard.engines.errors import ConfigError, InputError
 from lineguard.engines.histogram import PatchHistogram
-from lineguard.engines.knn import PatchBank, patch_descriptors
+from lineguard.engines.knn import (
+    PATCH_DESCRIPTORS,
+    PatchBank,
+    descriptor_kind,
+    patch_descriptors,
+    to_map,
+)
 from lineguard.engines.lgst import LGST, PROFILES
 from lineguard.engines.segmentation import SegmentationHead
 
 CSAD_BRANCHES: tuple[str, ...] = ("patch_hist", "lgst")
 PATCH_SEARCHES = ("graph", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+# Largest patch bank searched inside the graph when the search is left to lineguard ("auto"):
+# up to here the matrix product keeps ONNX Runtime at ≥ 8 images/s at batch 8 on two cores and
+# the bundle runs on every runtime, TensorRT included; a larger bank is searched with faiss
+# HNSW after the engine (docs/patch_bank/README.md has the measurements).
+GRAPH_SEARCH_MAX = 16_384
+AUTO_SEARCH = "faiss-hnsw"
+
+
+def resolve_patch_search(search: str, bank_size: int) -> str:
+    """``auto`` → the in-graph search up to ``GRAPH_SEARCH_MAX`` entries, faiss above it; any
+    other value is kept (``graph`` forces the in-graph search, e.g. for TensorRT)."""
+    if search != "auto":
+        return search
+    return "graph" if bank_size <= GRAPH_SEARCH_MAX else AUTO_SEARCH
+
+
 SEGMENTATION_WIDTH = {"paper": 256, "lite": 64}
 
 
@@ -36,11 +58,13 @@ class Outputs(NamedTuple):
 
     - ``scores`` ``[B, K]`` float32: raw score per branch, in ``ModelConfig.branches`` order;
     - ``anomaly_map`` ``[B, 1, h, w]`` float32: the normalised LGST map (plus the patch-bank map
-      when that branch is on) at a quarter of the input size;
+      when that branch is on, resampled from its descriptor grid) at a quarter of the input
+      size;
     - ``segmentation`` ``[B, H, W]`` uint8: component class per pixel (0 = background);
-    - ``patch_features`` ``[B, s·s, D]`` float32, only from a graph whose patch bank is searched
-      outside it (``patch_search`` ≠ ``graph``): the descriptors the faiss stage looks up, after
-      which it fills the ``patch_knn`` column and map. ``None`` everywhere else.
+    - ``patch_features`` ``[B, g·g, D]`` float32 (``g`` = ``ModelConfig.patch_grid``), only
+      from a graph whose patch bank is searched outside it (``patch_search`` ≠ ``graph``): the
+      descriptors the faiss stage looks up, after which it fills the ``patch_knn`` column and
+      map. ``None`` everywhere else.
 
     ``CSADModel.forward`` returns tensors; every runtime returns numpy arrays.
     """
@@ -70,6 +94,10 @@ class ModelConfig:
     comp_bank: int = 0  # good images in the composition-embedding bank (PSAD); 0 leaves it out
     fewshot_shots: int = 0  # good images behind the training-free few-shot branch; 0: none
     patch_search: str = "graph"  # patch bank search: in the graph, or faiss-flat|ivf|hnsw after it
+    # Patch descriptor of the patch and composition banks (engines.knn): "mid" is PatchCore's
+    # (strides 8 + 16), "shallow" the stride 4 + 8 taps; a manifest written before the field
+    # existed reads as "shallow", the only descriptor then, so those bundles score as before.
+    patch_descriptor: str = "mid"
     position_prior: bool = False  # subtract good parts' mean map per position before the max
     position_scale: bool = False  # and divide the LGST map by their spread there (needs prior)
     # The frame round trip that training, the banks and calibration saw ("raw", "png",
@@ -107,6 +135,11 @@ class ModelConfig:
             raise ConfigError(
                 f"unknown patch_search {self.patch_search!r}; use one of {PATCH_SEARCHES}"
             )
+        if self.patch_descriptor not in PATCH_DESCRIPTORS:
+            raise ConfigError(
+                f"unknown patch_descriptor {self.patch_descriptor!r}; use one of "
+                f"{sorted(PATCH_DESCRIPTORS)}"
+            )
         if self.position_scale and not self.position_prior:
             raise ConfigError(
                 "position_scale divides the map after the prior: it needs position_prior"
@@ -139,6 +172,11 @@ class ModelConfig:
     def map_size(self) -> int:
         return self.input_size // 4
 
+    @property
+    def patch_grid(self) -> int:
+        """Side of the patch banks' descriptor grid (32 for PatchCore's taps at 256 px)."""
+        return self.input_size // descriptor_kind(self.patch_descriptor).stride
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -151,6 +189,7 @@ class ModelConfig:
                 f"model config has unknown fields {unknown}: written by a newer lineguard?"
             )
         values = dict(data)
+        values.setdefault("patch_descriptor", "shallow")  # written before the field existed
         for key in ("class_names", "hist_grids"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -178,9 +217,11 @@ class CSADModel(nn.Module):
         self.patch_hist = PatchHistogram(config.num_classes, config.input_size, config.hist_grids)
         self.lgst = LGST(profile, spec.channels, config.input_size, config.seed)
         self.patch_knn: PatchBank | None = None
-        descriptor_dim = spec.channels[4] + spec.channels[8]
+        descriptor_dim = descriptor_kind(config.patch_descriptor).dim(spec.channels)
         if config.patch_bank:
-            self.patch_knn = PatchBank(descriptor_dim, config.patch_bank, config.map_size)
+            self.patch_knn = PatchBank(
+                descriptor_dim, config.patch_bank, config.patch_grid, config.patch_descriptor
+            )
         self.hist_knn = (
             ImageBank(config.num_classes, config.hist_bank) if config.hist_bank else None
         )
@@ -192,10 +233,11 @@ class CSADModel(nn.Module):
         if config.position_prior:
             # What good parts' maps look like at each position (zero until calibration): zero
             # padding and fixed fixtures make some positions respond on every good part, and
-            # without this their response, not the defect, sets the image maximum.
-            s = config.map_size
+            # without this their response, not the defect, sets the image maximum. The patch
+            # bank's prior lives on its descriptor grid, where its score is taken.
+            s, g = config.map_size, config.patch_grid
             self.register_buffer("prior_lgst", torch.zeros(1, 1, s, s))
-            self.register_buffer("prior_knn", torch.zeros(1, 1, s, s))
+            self.register_buffer("prior_knn", torch.zeros(1, 1, g, g))
         if config.position_scale:
             # Positions where good parts differ a lot among themselves (edges under pose jitter)
             # still set LGST's maximum after the mean is gone; their spread, relative to the
@@ -226,6 +268,14 @@ class CSADModel(nn.Module):
         size = self.config.input_size
         return self.segmenter(features[0], features[2], (size, size))
 
+    def describe_patches(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The patch descriptors ``[B, D, g, g]`` that every patch-level bank reads.
+
+        Training, refit, calibration, evaluation, the ONNX graph and the faiss stage all take
+        them from here, so one image gets one descriptor, and one score, on every path.
+        """
+        return patch_descriptors(features, self.config.patch_descriptor)
+
     def forward(self, images: torch.Tensor) -> Outputs:
         x = self.preprocess(images)
         features = self.backbone(x)
@@ -240,7 +290,7 @@ class CSADModel(nn.Module):
         patch_features = None
         desc = None  # patch descriptors: computed once for every branch that reads them
         if self.patch_knn is not None or self.comp_knn is not None:
-            desc = patch_descriptors(features[0], features[1], self.config.map_size)
+            desc = self.describe_patches(features)
         if self.patch_knn is not None and self.config.patch_search != "graph":
             # searched after the engine (runtimes.faiss_stage): hand the descriptors out and
             # leave the column at zero for that stage to fill
@@ -253,14 +303,14 @@ class CSADModel(nn.Module):
             if self.config.position_prior:
                 knn_map = knn_map - self.prior_knn
             columns.append(knn_map.amax(dim=(1, 2, 3)))
-            amap = amap + knn_map
+            amap = amap + to_map(knn_map, self.config.map_size)
         if self.hist_knn is not None:
             columns.append(
                 self.hist_knn(class_shares(labels, self.config.num_classes, x.shape[-1]))
             )
         if self.comp_knn is not None:
             assert desc is not None
-            cell = self.config.input_size // self.config.map_size
+            cell = self.config.input_size // self.config.patch_grid
             columns.append(self.comp_knn(composition(desc, labels, self.config.num_classes, cell)))
         if self.fewshot_knn is not None:
             columns.append(self.fewshot_knn(features[1], features[2]))

@@ -117,7 +117,7 @@ def fit_position_prior(model: CSADModel, images: np.ndarray, batch: int = 16) ->
         sums["lgst"] += lgst_map.sum(dim=0, keepdim=True)
         lgst_squares += lgst_map.square().sum(dim=0, keepdim=True)
         if model.patch_knn is not None:
-            knn_map = model.patch_knn(model.patch_knn.describe(f[0], f[1]))
+            knn_map = model.patch_knn(model.describe_patches(f))
             sums["knn"] += knn_map.float().sum(dim=0, keepdim=True)
 
     def blur(t: torch.Tensor) -> torch.Tensor:

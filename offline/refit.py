@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
 from lineguard.engines.errors import BundleError, ConfigError
-from lineguard.engines.model import CSADModel, ModelConfig
-from lineguard.offline.banks import BANK_BRANCHES, fit_banks
+from lineguard.engines.model import CSADModel, ModelConfig, resolve_patch_search
+from lineguard.offline.banks import BANK_BRANCHES, bank_cap, coreset_size, fit_banks
 from lineguard.offline.calibrate import calibrate
 from lineguard.offline.datasets import load_image, open_dataset
 
@@ -28,7 +29,8 @@ def refit_bundle(
     data_dir: Path | str,
     out: Path | str,
     *,
-    patch_bank: int | None = None,
+    patch_bank: int | Literal["auto"] | None = None,
+    patch_descriptor: str | None = None,
     hist_bank: bool | None = None,
     comp_bank: bool | None = None,
     fewshot_shots: int | None = None,
@@ -45,7 +47,11 @@ def refit_bundle(
     """A copy of the bundle at ``out`` with the banks and calibration fitted again.
 
     ``None`` keeps the bundle's current setting; ``hist_bank``/``comp_bank`` hold every training
-    image (up to ``max_train``) when switched on.
+    image (up to ``max_train``) when switched on. ``patch_bank="auto"`` sizes the patch bank by
+    the data as ``lineguard train`` does (a share of all training patches, capped), and so does
+    ``None`` when ``patch_descriptor`` changes the descriptor (the old size was chosen for
+    another descriptor grid). The patch descriptors are always recomputed from the images
+    through the backbone, so a new descriptor needs no retraining.
     """
     source = load_bundle(bundle_dir)
     if Path(out).resolve() == source.path.resolve():
@@ -63,13 +69,25 @@ def refit_bundle(
         return len(train_images) if (bool(current) if on is None else on) else 0
 
     prior = old.position_prior if position_prior is None else position_prior
+    descriptor = patch_descriptor or old.patch_descriptor
+    if patch_bank is None and descriptor != old.patch_descriptor and old.patch_bank:
+        patch_bank = "auto"
+    if patch_bank == "auto":
+        target = replace(old, patch_descriptor=descriptor)
+        patches = len(train_images) * target.patch_grid**2
+        patch_bank = coreset_size(patches, cap=bank_cap(target))
+        log(f"patch bank: {patch_bank} of {patches} training patches")
     config = replace(
         old,
+        patch_descriptor=descriptor,
         patch_bank=old.patch_bank if patch_bank is None else patch_bank,
         hist_bank=images_if(hist_bank, old.hist_bank),
         comp_bank=images_if(comp_bank, old.comp_bank),
         fewshot_shots=old.fewshot_shots if fewshot_shots is None else fewshot_shots,
-        patch_search=patch_search or old.patch_search,
+        patch_search=resolve_patch_search(
+            patch_search or old.patch_search,
+            old.patch_bank if patch_bank is None else patch_bank,
+        ),
         position_prior=prior,
         position_scale=ModelConfig.position_scale_for(prior, position_scale, old.position_scale),
     )

@@ -19,7 +19,7 @@ import torch
 
 from lineguard.engines.bundle import Bundle
 from lineguard.engines.errors import BundleError, ConfigError
-from lineguard.engines.knn import MAP_SCALE
+from lineguard.engines.knn import normalise, to_map
 from lineguard.engines.model import CSADModel, ModelConfig, Outputs
 
 KINDS = ("flat", "ivf", "hnsw")
@@ -90,6 +90,7 @@ class FaissStage:
         self.prior = 0.0 if prior is None else prior.float().cpu().numpy()
         self.search = FaissSearch(bank, config.patch_search.removeprefix("faiss-"))
         self.column = config.branches.index("patch_knn")
+        self.grid = config.patch_grid
         self.map_size = config.map_size
 
     @classmethod
@@ -104,13 +105,15 @@ class FaissStage:
         if features is None:
             raise BundleError("the engine returned no patch_features for the faiss stage")
         b, _, d = features.shape
-        s = self.map_size
-        distances = self.search.nearest(features.reshape(-1, d)).reshape(b, 1, s, s)
-        knn_map = MAP_SCALE * (distances - self.q_a) / (self.q_b - self.q_a) - self.prior
+        g = self.grid
+        distances = self.search.nearest(features.reshape(-1, d)).reshape(b, 1, g, g)
+        knn_map = normalise(distances, self.q_a, self.q_b) - self.prior
         knn_map = knn_map.astype(np.float32)
         scores = np.array(out.scores, dtype=np.float32, copy=True)
+        # the score on the descriptor grid, the map resampled as in the graph (engines.knn)
         scores[:, self.column] = knn_map.max(axis=(1, 2, 3))
-        return Outputs(scores, out.anomaly_map + knn_map, out.segmentation)
+        shown = to_map(torch.from_numpy(knn_map), self.map_size).numpy()
+        return Outputs(scores, out.anomaly_map + shown, out.segmentation)
 
 
 class FaissSearchRuntime:

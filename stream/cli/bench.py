@@ -115,11 +115,13 @@ def bench_knn_cmd(
         ),
     ] = "graph-torch,graph-onnxruntime,faiss-flat,faiss-ivf,faiss-hnsw",
     dim: Annotated[
-        int, typer.Option(metavar="D", help="Descriptor size (lite0's patch bank: 64).")
-    ] = 64,
+        int,
+        typer.Option(metavar="D", help="Descriptor size (lite0: mid 152, shallow 64)."),
+    ] = 152,
     queries: Annotated[
-        int, typer.Option(metavar="N", help="Patches per image (64×64 map: 4096).")
-    ] = 4096,
+        int,
+        typer.Option(metavar="N", help="Patches per image (256 px: mid 1024, shallow 4096)."),
+    ] = 1024,
     min_time: MinTimeOpt = 2.0,
     json_path: JsonOpt = None,
 ) -> None:

@@ -25,14 +25,24 @@ app = typer.Typer()
 Backbone = Literal["efficientnet_lite0", "wide_resnet50_2"]
 Normalisation = Literal["trimmed_z", "loo_max"]
 Fusion = Literal["max", "sum"]
-PatchSearch = Literal["graph", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
+PatchSearch = Literal["auto", "graph", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
+PatchDescriptor = Literal["auto", "mid", "shallow"]
 
 OutBundleOpt = Annotated[
     Path, typer.Option("--out", "-o", metavar="DIR", help="Bundle directory to write.")
 ]
 PatchBankOpt = Annotated[
     int | None,
-    typer.Option(metavar="N", help="Patch memory bank size (0: none); default from preset."),
+    typer.Option(
+        metavar="N", help="Patch memory bank size (0: none); default: 10 % of the patches, capped."
+    ),
+]
+PatchDescriptorOpt = Annotated[
+    PatchDescriptor | None,
+    typer.Option(
+        help="Patch bank descriptor: mid (PatchCore's strides 8+16), shallow (4+8), or auto "
+        "(mid on a surface, shallow on an assembly)."
+    ),
 ]
 HistBankOpt = Annotated[
     bool | None, typer.Option(help="PSAD class-histogram bank over the training images.")
@@ -52,7 +62,10 @@ PositionScaleOpt = Annotated[
     bool | None,
     typer.Option(help="Divide LGST's map by good parts' spread per position (default: on)."),
 ]
-PATCH_SEARCH_HELP = "Patch bank search: in the graph, or faiss after the engine."
+PATCH_SEARCH_HELP = (
+    "Patch bank search: auto (in the graph up to 16 384 entries, faiss HNSW above), graph, "
+    "or faiss after the engine."
+)
 NORMALISATION_HELP = "Branch score normalisation: trimmed_z (CSAD) or loo_max (PSAD)."
 FUSION_HELP = "Combine normalised branch scores: max or sum (CSAD)."
 TARGET_FRR_HELP = "False-reject rate on good parts that the threshold aims at."
@@ -140,7 +153,8 @@ def train(
     hist_bank: HistBankOpt = None,
     comp_bank: CompBankOpt = None,
     fewshot: FewshotOpt = None,
-    patch_search: Annotated[PatchSearch, typer.Option(help=PATCH_SEARCH_HELP)] = "graph",
+    patch_descriptor: PatchDescriptorOpt = None,
+    patch_search: Annotated[PatchSearch, typer.Option(help=PATCH_SEARCH_HELP)] = "auto",
     position_prior: PositionPriorOpt = None,
     position_scale: PositionScaleOpt = None,
     encoding: Annotated[
@@ -176,6 +190,7 @@ def train(
         hist_bank=hist_bank,
         comp_bank=comp_bank,
         fewshot_shots=fewshot,
+        patch_descriptor=patch_descriptor,
         patch_search=patch_search,
         position_prior=position_prior,
         position_scale=position_scale,
@@ -264,7 +279,16 @@ def refit(
         Path, typer.Argument(metavar="DATA", help="The dataset it was trained on.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="New bundle directory.")],
-    patch_bank: PatchBankOpt = None,
+    patch_bank: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|auto", help="Patch bank size (0: none; auto: 10 % of the patches, capped)."
+        ),
+    ] = None,
+    patch_descriptor: Annotated[
+        Literal["mid", "shallow"] | None,
+        typer.Option(help="Switch the patch descriptor (recomputed, no retraining)."),
+    ] = None,
     hist_bank: HistBankOpt = None,
     comp_bank: CompBankOpt = None,
     fewshot: FewshotOpt = None,
@@ -284,11 +308,22 @@ def refit(
 
     keep_freed_memory()  # this process is the job: keep its freed tensors for the next step
 
+    bank: int | Literal["auto"] | None = None
+    if patch_bank == "auto":
+        bank = "auto"
+    elif patch_bank is not None:
+        try:
+            bank = int(patch_bank)
+        except ValueError:
+            raise typer.BadParameter(
+                f"{patch_bank!r} is neither a number nor 'auto'", param_hint="--patch-bank"
+            ) from None
     bundle = refit_bundle(
         bundle_dir,
         data_dir,
         out,
-        patch_bank=patch_bank,
+        patch_bank=bank,
+        patch_descriptor=patch_descriptor,
         hist_bank=hist_bank,
         comp_bank=comp_bank,
         fewshot_shots=fewshot,

@@ -14,7 +14,7 @@ import torch
 from lineguard.engines.bundle import load_bundle
 from lineguard.engines.errors import LineguardError
 from lineguard.engines.model import CSADModel, ModelConfig
-from lineguard.offline.banks import greedy_coreset
+from lineguard.offline.banks import PATCH_BANK_CAP, bank_cap, coreset_size, greedy_coreset
 from lineguard.offline.evaluate import compute_metrics, evaluate_bundle
 from lineguard.offline.lgst_train import (
     TEACHER_CACHE_BYTES,
@@ -76,6 +76,7 @@ def test_training_writes_a_verified_calibrated_bundle(trained: Path) -> None:
     assert float(model.fewshot_knn.bank.norm(dim=1).min()) == pytest.approx(1.0, abs=1e-4)
     assert float(model.lgst.teacher.std.min()) > 0  # teacher normalisation was fitted
     assert bundle.config.position_prior and bundle.config.position_scale  # the defaults
+    assert bundle.config.patch_descriptor == "shallow"  # components found: an assembly
     assert float(model.prior_scale_lgst.std()) > 0  # the spread was fitted
     state = json.loads((trained.with_name("tray.work") / "state.json").read_text())
     assert state["done"] == ["pseudo_labels", "segmentation", "lgst", "banks", "calibration"]
@@ -215,6 +216,67 @@ def test_greedy_coreset_covers_every_cluster() -> None:
     assert {int(i) // 200 for i in chosen} == {0, 1, 2}
 
 
+def _naive_k_center(x: torch.Tensor, first: int, size: int) -> list[int]:
+    """Textbook greedy k-center: every distance, every step."""
+    chosen = [first]
+    nearest = ((x - x[first]) ** 2).sum(dim=1)
+    for _ in range(size - 1):
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, ((x - x[chosen[-1]]) ** 2).sum(dim=1))
+    return chosen
+
+
+def test_greedy_coreset_is_the_textbook_greedy() -> None:
+    torch.manual_seed(0)
+    centres = torch.randn(30, 16) * 4
+    x = centres[torch.randint(30, (3000,))] + 0.5 * torch.randn(3000, 16)
+    chosen = greedy_coreset(x, 200, projection_dim=16).tolist()
+    naive = _naive_k_center(x, chosen[0], 200)
+    # the same picks up to float near-ties (‖x‖² − 2x·p + ‖p‖² against (x − p)²; the 156th
+    # here is a tie to 1e-5), and the same covering radius after every pick
+    assert chosen[:150] == naive[:150]
+    np.testing.assert_allclose(_radii(x, chosen), _radii(x, naive), rtol=1e-3)
+
+
+def test_two_stage_coreset_keeps_a_rare_patch_and_covers_every_image() -> None:
+    from lineguard.offline.banks import bank_coreset, local_coreset
+
+    torch.manual_seed(0)
+    centres = torch.randn(4, 8) * 3
+    patches = centres[torch.randint(4, (20, 64))] + 0.2 * torch.randn(20, 64, 8)
+    patches[7, 40] = 50.0  # one patch of one image unlike anything else
+    local = local_coreset(patches, 3)
+    assert local.shape == (60,) and 7 * 64 + 40 in local.tolist()
+    assert torch.equal(local.view(20, 3) // 64, torch.arange(20).view(20, 1).expand(20, 3))
+    owners = torch.arange(20).repeat_interleave(64)
+    chosen = bank_coreset(patches.reshape(-1, 8), owners, 8, projection_dim=8)
+    assert len(set(chosen.tolist())) == 8 and 7 * 64 + 40 in chosen.tolist()
+    # one entry per cluster at least: every patch lies near the bank
+    d = torch.cdist(patches.reshape(-1, 8), patches.reshape(-1, 8)[chosen]).amin(dim=1)
+    assert float(d.max()) < 2.0
+
+
+def _radii(x: torch.Tensor, chosen: list[int]) -> np.ndarray:
+    """Largest distance from any point to the first k picks, for every k."""
+    d = torch.cdist(x, x[chosen])
+    return np.array([float(d[:, : k + 1].amin(dim=1).max()) for k in range(len(chosen))])
+
+
+def test_coreset_size_is_a_share_of_the_patches_with_a_cap() -> None:
+    assert coreset_size(533 * 1024) == PATCH_BANK_CAP  # the tiles: 10 % would be 54 580
+    assert coreset_size(100 * 1024) == 10_240  # below the cap: PatchCore's 10 %
+    assert coreset_size(1000, fraction=0.1) == 256  # a handful of images keeps a usable bank
+    assert coreset_size(100) == 100  # never more entries than patches
+    assert coreset_size(10**6, fraction=0.01, cap=50_000) == 10_000
+    with pytest.raises(ValueError, match="fraction"):
+        coreset_size(1000, fraction=0.0)
+    mid = ModelConfig(patch_bank=8)  # lite0, 256 px: 1024 patches of 152-d
+    assert bank_cap(mid) == PATCH_BANK_CAP
+    # four times the patches at 64-d: the same search time buys fewer entries
+    assert bank_cap(ModelConfig(patch_bank=8, patch_descriptor="shallow")) == 9728
+    assert bank_cap(mid, cap=1000) == 1000
+
+
 def test_losses_and_lsa() -> None:
     target = torch.zeros(1, 8, 8, dtype=torch.long)
     target[0, 2:4, 2:4] = 1
@@ -327,6 +389,55 @@ def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
     # switching the prior off takes the spread (which divides what the prior left) with it
     off = refit_bundle(trained, line, tmp_path / "off", position_prior=False)
     assert not off.config.position_prior and not off.config.position_scale
+
+
+def test_refit_to_patchcores_descriptor_scores_alike_on_every_path(
+    trained: Path, line: Path, tmp_path: Path
+) -> None:
+    """An old bundle's bank refitted with the mid-level descriptor: the refit's own model, the
+    ONNX graph, torch, the faiss stage and ``evaluate`` give every image one patch score."""
+    from dataclasses import replace
+
+    from lineguard.engines.bundle import save_bundle
+    from lineguard.engines.runtimes import open_runtime
+    from lineguard.offline.datasets import load_image, open_dataset
+    from lineguard.offline.refit import refit_bundle
+
+    source = load_bundle(trained)
+    old = source.build_model()
+    shallow = CSADModel(replace(source.config, patch_descriptor="shallow"), None)
+    shallow.load_state_dict(
+        {
+            k: v
+            for k, v in old.state_dict().items()
+            if not k.startswith(("patch_knn", "comp_knn", "prior_knn"))
+        },
+        strict=False,
+    )
+    legacy = save_bundle(shallow.eval(), tmp_path / "legacy", source.calibration)
+    assert legacy.config.patch_descriptor == "shallow"
+    out = refit_bundle(legacy.path, line, tmp_path / "mid", patch_descriptor="mid")
+    assert out.config.patch_descriptor == "mid"
+    n_train = len(open_dataset(line).train)
+    cap = bank_cap(out.config)
+    assert out.config.patch_bank == coreset_size(n_train * out.config.patch_grid**2, cap=cap)
+    model = out.build_model()
+    assert model.patch_knn is not None and model.patch_knn.bank.shape[1] == 152
+    dataset = open_dataset(line)
+    # through the bundle's frame codec, as evaluate (and the line) read the files
+    images = np.stack([load_image(s.path, 64, out.config.codec) for s in dataset.test])
+    k = out.branches.index("patch_knn")
+    with torch.no_grad():
+        want = model(torch.from_numpy(images)).scores[:, k].numpy()
+    for kind in ("onnxruntime", "torch"):
+        got = open_runtime(out, kind=kind, max_batch=4).run(images).scores[:, k]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    evaluated = evaluate_bundle(out.path, line, out_dir=tmp_path / "eval").scores[:, k]
+    np.testing.assert_allclose(np.sort(evaluated), np.sort(want), rtol=1e-4, atol=1e-5)
+    faiss = refit_bundle(out.path, line, tmp_path / "faiss", patch_search="faiss-flat")
+    assert faiss.config.patch_bank == out.config.patch_bank  # the size is kept
+    got = open_runtime(faiss, kind="onnxruntime").run(images).scores[:, k]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_loo_scaling_of_the_patch_bank_is_psads_formula() -> None:
