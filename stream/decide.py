@@ -373,7 +373,7 @@ class DecideStage:
         self.bus.ensure_group("scores", self.cfg.group)
 
     def step(self) -> int:
-        self._check_epoch()
+        self._check_epoch()  # also for idle steps, which only resolve gaps and deadlines
         if self.watcher is not None and self.watcher.changed():
             self.reload()
         reclaimed = self.reclaimer.take()
@@ -622,27 +622,36 @@ class DecideStage:
             if inflight is not None:
                 for name, cam in self.cameras.items():
                     due += [(name, q) for q in cam.missing if (name, q) not in inflight]
-        if not due:
-            return 0
-        due.sort()
-        due = due[:MAX_UNINSPECTED_PER_STEP]
+        return len(self._declare_uninspected({ident: 0.0 for ident in due}, UNINSPECTED_REASON))
+
+    def _declare_uninspected(
+        self, due: dict[tuple[str, int], float], reason: str
+    ) -> list[tuple[str, int]]:
+        """Commit ``uninspected`` events for ``due`` ((camera, seq) → capture time, 0 when
+        unknown), skipping those a peer (or an earlier life of ours) judged meanwhile; at most
+        ``MAX_UNINSPECTED_PER_STEP`` per call. Returns the idents declared."""
+        idents = sorted(due)[:MAX_UNINSPECTED_PER_STEP]
+        if not idents:
+            return []
         pipe = self.bus.client.pipeline(transaction=False)
-        for name, q in due:
+        for name, q in idents:
             pipe.exists(self.seen_key(name, q))
         exists = pipe.execute()
         t_event = time.time()
         pending: list[_Pending] = []
-        for (name, q), ex in zip(due, exists, strict=True):
+        for (name, q), ex in zip(idents, exists, strict=True):
             if int(ex):
-                self.camera(name).mark(q)  # a peer (or an earlier life of ours) judged it
+                self.camera(name).mark(q)
                 continue
+            t_capture = due[(name, q)]
+            latency = {"total": max(0.0, t_event - t_capture)} if t_capture else {}
             event = Event(
                 self.bus.line, name, q, "uninspected", None, None, {}, self.current or "",
-                {}, UNINSPECTED_REASON, 0.0, t_event,
+                latency, reason, t_capture, t_event,
             )  # fmt: skip
             pending.append(_Pending(event, encode(event, self.bus.limits), ""))
         self._commit(pending, [])
-        return len(pending)
+        return [(p.event.camera, p.event.seq) for p in pending]
 
     # verdict deadlines ---------------------------------------------------------------
 
@@ -677,45 +686,23 @@ class DecideStage:
             return 0
         self._track_frames()
         now = time.time()
-        due: list[tuple[str, int]] = []
-        captured: dict[tuple[str, int], float] = {}
-        for ident, t_capture in self._tracked.items():
+        due: dict[tuple[str, int], float] = {}
+        for ident, t_capture in list(self._tracked.items()):
+            if len(due) >= MAX_UNINSPECTED_PER_STEP:
+                break  # the rest stay tracked for the next step
             if now < t_capture + self.deadline_s:
                 continue
-            if self.camera(ident[0]).has_event(ident[1]):
-                continue
-            if self._not_issued(*ident):
-                continue  # not numbered by ingest: no verdict owed (decide says so for scores)
-            due.append(ident)
-            captured[ident] = t_capture
-        for ident in [i for i, t in self._tracked.items() if now >= t + self.deadline_s]:
             del self._tracked[ident]
-        if not due:
-            return 0
-        due = sorted(due)[:MAX_UNINSPECTED_PER_STEP]
-        pipe = self.bus.client.pipeline(transaction=False)
-        for name, q in due:
-            pipe.exists(self.seen_key(name, q))
-        exists = pipe.execute()
+            if self.camera(ident[0]).has_event(ident[1]) or self._not_issued(*ident):
+                continue  # judged already, or not numbered by ingest: no verdict owed
+            due[ident] = t_capture
         reason = DEADLINE_REASON.format(ms=int(self.deadline_s * 1000))
-        t_event = time.time()
-        pending: list[_Pending] = []
-        for (name, q), ex in zip(due, exists, strict=True):
-            if int(ex):
-                self.camera(name).mark(q)  # a peer judged it
-                continue
-            t_capture = captured[(name, q)]
-            latency = {"total": max(0.0, t_event - t_capture)}
-            event = Event(
-                self.bus.line, name, q, "uninspected", None, None, {}, self.current or "",
-                latency, reason, t_capture, t_event,
-            )  # fmt: skip
-            pending.append(_Pending(event, encode(event, self.bus.limits), ""))
-            self._deadlined[(name, q)] = t_event
+        declared = self._declare_uninspected(due, reason)
+        for ident in declared:
+            self._deadlined[ident] = now
             if len(self._deadlined) > MAX_LATE_KEYS:
                 self._deadlined.popitem(last=False)
-        self._commit(pending, [])
-        return len(pending)
+        return len(declared)
 
     def _late(self, scores: Scores, t_deadline: float) -> None:
         """A score for a frame already given its deadline verdict: counted, never a second

@@ -53,6 +53,7 @@ from lineguard.stream.metrics import get_metrics, observe_queue
 from lineguard.stream.protocol import (
     ENTRY_FIELD,
     Frame,
+    FrameIdentity,
     LowResMap,
     ProtocolError,
     Scores,
@@ -477,7 +478,12 @@ class InferStage:
         return out
 
     def _error(
-        self, frame: Frame, e: Entry, model: LoadedModel, reason: str, extra: dict[str, float]
+        self,
+        frame: Frame | FrameIdentity,
+        e: Entry,
+        model: LoadedModel,
+        reason: str,
+        extra: dict[str, float],
     ) -> Scores:
         text = reason[: self.bus.limits.max_text_len]
         return Scores(
@@ -506,16 +512,7 @@ class InferStage:
         if ident is None or ident.line != self.bus.line:
             return None
         text = f"refused by infer ({exc.reason}): {exc}; the message is in the dead stream"
-        return Scores(
-            ident.line,
-            ident.camera,
-            ident.seq,
-            ident.t_capture,
-            {},
-            model.version,
-            self._timings(e, extra),
-            error=text[: self.bus.limits.max_text_len],
-        )
+        return self._error(ident, e, model, text, extra)
 
     def _map(self, amap: Any, row: int) -> LowResMap | None:
         if not self.maps or amap is None:

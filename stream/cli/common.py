@@ -138,6 +138,13 @@ def summary_table(title: str, data: dict[str, Any]) -> Table:
     return table
 
 
+def report_summary(title: str, summary: Any, json_path: Path | None) -> None:
+    """The frames → verdicts table of ``run``/``replay``, and ``--json PATH`` if given."""
+    data = summary.to_json()
+    console.print(summary_table(title, data))
+    write_json(json_path, data)
+
+
 def print_event(ev: Any) -> None:
     from lineguard.stream.tools.events import event_line
 

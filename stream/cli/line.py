@@ -8,15 +8,13 @@ from typing import Annotated, Any
 import typer
 
 from lineguard.stream.cli.common import (
-    console,
     err_console,
     event_printer,
     external_client,
     friendly_errors,
     load_settings,
+    report_summary,
     start_dashboard,
-    summary_table,
-    write_json,
 )
 from lineguard.stream.cli.options import (
     DASHBOARD_PORT,
@@ -134,9 +132,7 @@ def run_cmd(
     finally:
         for page in pages:
             page.stop()
-    data = summary.to_json()
-    console.print(summary_table("lineguard run", data))
-    write_json(json_path, data)
+    report_summary("lineguard run", summary, json_path)
     if not summary.ok:
         raise typer.Exit(code=1)
 

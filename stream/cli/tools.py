@@ -19,11 +19,10 @@ from lineguard.stream.cli.common import (
     friendly_errors,
     load_settings,
     print_event,
+    report_summary,
     split_list,
     start_dashboard,
-    summary_table,
     wait_for_ctrl_c,
-    write_json,
 )
 from lineguard.stream.cli.options import (
     DASHBOARD_PORT,
@@ -81,9 +80,7 @@ def replay(
         timeout_s=timeout,
         on_event=event_printer(show),
     )
-    data = summary.to_json()
-    console.print(summary_table("lineguard replay", data))
-    write_json(json_path, data)
+    report_summary("lineguard replay", summary, json_path)
     if not summary.ok:
         err_console.print(
             f"[red]error:[/red] {summary.missing} frame(s) got no event within {timeout:g} s",

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from lineguard.stream.bus import Bus, DeadLetter, parse_dead_letter
 from lineguard.stream.protocol import ENTRY_FIELD, frame_identity
+from lineguard.stream.tools.events import follow_stream
 from lineguard.stream.worker import StopFlag
 
 
@@ -33,17 +34,8 @@ def follow_dead(
     bus: Bus, *, since: str = "$", stop: StopFlag | None = None, block_ms: int = 500
 ) -> Iterator[DeadLetter]:
     """Yield dead letters as they are written after ``since`` (``$``: from now) until stop."""
-    key = bus.key("dead")
-    cursor = since
-    if cursor == "$":
-        newest: Any = bus.client.xrevrange(key, count=1)
-        cursor = _text(newest[0][0]) if newest else "0-0"
-    while stop is None or not stop.is_set():
-        reply: Any = bus.client.xread({key: cursor}, count=500, block=block_ms)
-        for _stream, rows in reply or ():
-            for entry_id, fields in rows:
-                cursor = _text(entry_id)
-                yield parse_dead_letter(entry_id, fields)
+    for entry_id, fields in follow_stream(bus, "dead", since=since, stop=stop, block_ms=block_ms):
+        yield parse_dead_letter(entry_id, fields)
 
 
 def frame_of(bus: Bus, dl: DeadLetter) -> str | None:

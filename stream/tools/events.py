@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.text import Text
 
-from lineguard.stream.bus import Bus
+from lineguard.stream.bus import Bus, StreamName
 from lineguard.stream.protocol import ENTRY_FIELD, Event, ProtocolError, decode_event
 from lineguard.stream.worker import StopFlag
 
@@ -60,7 +60,23 @@ def follow_events(
     block_ms: int = 500,
 ) -> Iterator[tuple[str, Event]]:
     """Yield events as they are written after ``since`` (``$`` = from now) until ``stop``."""
-    key = bus.key("events")
+    for entry_id, fields in follow_stream(bus, "events", since=since, stop=stop, block_ms=block_ms):
+        ev = _decode(bus, fields)
+        if ev is not None and (camera is None or ev.camera == camera):
+            yield entry_id, ev
+
+
+def follow_stream(
+    bus: Bus,
+    stream: StreamName,
+    *,
+    since: str = "$",
+    stop: StopFlag | None = None,
+    block_ms: int = 500,
+) -> Iterator[tuple[str, Any]]:
+    """``(entry id, fields)`` of a stream as they are written after ``since`` (``$``: from
+    now) until ``stop``: a plain XREAD reader, shared by ``events`` and ``dead``."""
+    key = bus.key(stream)
     cursor = since
     if cursor == "$":
         newest: Any = bus.client.xrevrange(key, count=1)
@@ -70,9 +86,7 @@ def follow_events(
         for _stream, rows in reply or ():
             for entry_id, fields in rows:
                 cursor = _text(entry_id)
-                ev = _decode(bus, fields)
-                if ev is not None and (camera is None or ev.camera == camera):
-                    yield cursor, ev
+                yield cursor, fields
 
 
 def event_line(ev: Event) -> Text:

@@ -68,6 +68,18 @@ def workers(bus: Bus, url: str, bundle: Path, tmp: Path, **env: object) -> list[
     return [infer, decide]
 
 
+def wait_for_workers(bus: Bus) -> None:
+    """Until infer-0 and decide-0 both have a live heartbeat."""
+    wait_until(
+        lambda: (
+            {"infer-0"} <= heartbeat_consumers(bus, "infer")
+            and {"decide-0"} <= heartbeat_consumers(bus, "decide")
+        ),
+        90,
+        "infer and decide to be ready",
+    )
+
+
 def check_one_event_each(bus: Bus, n: int, timeout_s: float) -> None:
     events = wait_for_every_seq(bus, "cam0", n, timeout_s)
     per_seq = Counter(e.seq for e in events)
@@ -93,14 +105,7 @@ def test_server_restart_mid_run_loses_no_acknowledged_frame(
     with stopped(*procs):
         for p in procs:
             p.start()
-        wait_until(
-            lambda: (
-                {"infer-0"} <= heartbeat_consumers(bus, "infer")
-                and {"decide-0"} <= heartbeat_consumers(bus, "decide")
-            ),
-            90,
-            "infer and decide to be ready",
-        )
+        wait_for_workers(bus)
         ingest = IngestThread(settings, IMAGES, n, size=SIZE, fps=25).start()
         try:
             wait_until(lambda: ingest.sent >= 30, 30, "30 frames sent")
@@ -261,14 +266,7 @@ def test_a_server_restarted_without_its_data_still_gives_every_new_frame_one_ver
         with stopped(*procs):
             for p in procs:
                 p.start()
-            wait_until(
-                lambda: (
-                    {"infer-0"} <= heartbeat_consumers(bus, "infer")
-                    and {"decide-0"} <= heartbeat_consumers(bus, "decide")
-                ),
-                90,
-                "infer and decide to be ready",
-            )
+            wait_for_workers(bus)
             first = IngestThread(settings, IMAGES, 40, size=SIZE, fps=50).start()
             first.join(60)
             first.close()
