@@ -113,3 +113,6 @@ class FrameCodec:
 
 
 LOSSLESS = FrameCodec("raw")
+# What ingest sends unless told otherwise, so what `train` records unless told otherwise: a
+# bundle trained for it is scored on the line as `evaluate` scores it.
+DEFAULT_FRAME_CODEC = FrameCodec().spec

@@ -28,7 +28,7 @@ from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
-from lineguard.engines.codec import FrameCodec
+from lineguard.engines.codec import DEFAULT_FRAME_CODEC, FrameCodec
 from lineguard.engines.errors import ConfigError, LineguardError
 from lineguard.engines.model import CSADModel, ModelConfig, resolve_patch_search
 from lineguard.offline.banks import (
@@ -52,9 +52,6 @@ from lineguard.offline.seg_train import SegTrainConfig, train_segmentation
 
 STAGES = ("pseudo_labels", "segmentation", "lgst", "banks", "calibration")
 STATE = "state.json"
-# What ingest sends unless told otherwise; a bundle trained for it is scored on the line as
-# `evaluate` scores it.
-DEFAULT_FRAME_CODEC = "jpeg:90"
 
 
 @dataclass(frozen=True)

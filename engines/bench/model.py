@@ -20,6 +20,7 @@ import torch
 
 from lineguard.engines.bench.machine import machine_info
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
+from lineguard.engines.codec import DEFAULT_FRAME_CODEC
 from lineguard.engines.errors import LineguardError
 from lineguard.engines.fusion import Calibration
 from lineguard.engines.model import CSADModel, ModelConfig
@@ -87,7 +88,7 @@ def synthetic_bundle(backbone: str, profile: str, input_size: int, directory: Pa
         profile=profile,
         input_size=input_size,
         class_names=("background", "c1", "c2", "c3", "c4", "c5"),
-        frame_codec="jpeg:90",  # what `lineguard train` records by default
+        frame_codec=DEFAULT_FRAME_CODEC,  # what `lineguard train` records by default
     )
     weights: str | None = "imagenet" if backbone == "efficientnet_lite0" else None
     model = CSADModel(config, backbone_weights=weights).eval()

@@ -171,6 +171,7 @@ def train(
     bundle records it: ingest then sends that way by default.
     """
     from lineguard.engines.allocator import keep_freed_memory
+    from lineguard.engines.codec import DEFAULT_FRAME_CODEC
     from lineguard.offline.train import train_bundle
 
     keep_freed_memory()  # this process is the job: keep its freed tensors for the next step
@@ -194,7 +195,7 @@ def train(
         patch_search=patch_search,
         position_prior=position_prior,
         position_scale=position_scale,
-        frame_codec=codec_spec(encoding, jpeg_quality) or "jpeg:90",
+        frame_codec=codec_spec(encoding, jpeg_quality) or DEFAULT_FRAME_CODEC,
         restart=restart,
         log=lambda msg: err_console.print(msg, highlight=False),
     )
