@@ -37,7 +37,9 @@ FOREGROUND_TOP = 0.02  # paper 002: mean of the top 2 % patch dissimilarities
 FOREGROUND_SIMILARITY = 0.5  # a foreground patch's best cosine similarity to the background
 
 
-def class_shares(labels: torch.Tensor, num_classes: int, size: int) -> torch.Tensor:
+def class_shares(
+    labels: torch.Tensor, num_classes: int, size: int | tuple[int, int]
+) -> torch.Tensor:
     """Share of the image per class, background first: ``[B, C]`` (rows sum to 1)."""
     fg = class_histograms(labels, num_classes, 1, size)
     return torch.cat([1.0 - fg.sum(dim=1, keepdim=True), fg], dim=1)
@@ -48,14 +50,14 @@ def composition(
 ) -> torch.Tensor:
     """Mean descriptor per foreground class, concatenated: ``[B, (C-1)·D]``.
 
-    ``descriptors`` ``[B, D, s, s]``, ``labels`` ``[B, S, S]`` with ``S = cell·s`` (a Python int,
-    so the pooling is a constant in the exported graph). A class that is absent contributes a
-    zero vector, which is itself informative (a missing part).
+    ``descriptors`` ``[B, D, h, w]``, ``labels`` ``[B, H, W]`` with ``H = cell·h``, ``W = cell·w``
+    (``cell`` a Python int, so the pooling is a constant in the exported graph). A class that
+    is absent contributes a zero vector, which is itself informative (a missing part).
     """
     classes = torch.arange(1, num_classes, device=labels.device, dtype=labels.dtype)
     onehot = (labels.unsqueeze(1) == classes.view(1, -1, 1, 1)).to(torch.float32)
-    weights = F.avg_pool2d(onehot, kernel_size=cell).flatten(2)  # [B, C-1, s·s]
-    feats = descriptors.to(torch.float32).flatten(2).transpose(1, 2)  # [B, s·s, D]
+    weights = F.avg_pool2d(onehot, kernel_size=cell).flatten(2)  # [B, C-1, h·w]
+    feats = descriptors.to(torch.float32).flatten(2).transpose(1, 2)  # [B, h·w, D]
     sums = torch.bmm(weights, feats)  # [B, C-1, D]
     means = sums / weights.sum(dim=2, keepdim=True).clamp_min(1e-6)
     return means.flatten(1)
@@ -122,24 +124,24 @@ def _best_similarity(q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
 
 
 def fewshot_descriptors(f8: torch.Tensor, f16: torch.Tensor) -> torch.Tensor:
-    """Unit-length patch descriptors ``[B, g·g, D]`` on the stride-8 grid (g = S/8).
+    """Unit-length patch descriptors ``[B, h·w, D]`` on the stride-8 grid (h, w = H/8, W/8).
 
     Stride-8 and stride-16 taps together, 3×3 averaged: deeper than the patch bank's taps, so
     cosine similarity compares parts by what they are more than by their exact edges, which is
     what matching against only a few good images needs.
     """
-    g = f8.shape[-1]
-    up = F.interpolate(f16, size=(g, g), mode="bilinear", align_corners=False)
+    up = F.interpolate(f16, size=tuple(f8.shape[-2:]), mode="bilinear", align_corners=False)
     x = torch.cat([f8, up], dim=1).to(torch.float32)
     x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
     return F.normalize(x.flatten(2).transpose(1, 2), dim=2)
 
 
-def border_cells(grid: int, width: int = 2) -> torch.Tensor:
-    """Flat indices of the cells within ``width`` of the image edge."""
-    idx = torch.arange(grid)
-    edge = (idx < width) | (idx >= grid - width)
-    return torch.nonzero((edge[:, None] | edge[None, :]).flatten()).flatten()
+def border_cells(grid: tuple[int, int], width: int = 2) -> torch.Tensor:
+    """Flat indices of the cells of a (rows, columns) grid within ``width`` of the image edge."""
+    rows, cols = torch.arange(grid[0]), torch.arange(grid[1])
+    edge_r = (rows < width) | (rows >= grid[0] - width)
+    edge_c = (cols < width) | (cols >= grid[1] - width)
+    return torch.nonzero((edge_r[:, None] | edge_c[None, :]).flatten()).flatten()
 
 
 class FewShotBank(nn.Module):
@@ -157,13 +159,14 @@ class FewShotBank(nn.Module):
     fg_threshold: torch.Tensor
     masking: torch.Tensor
 
-    def __init__(self, dim: int, shots: int, grid: int):
+    def __init__(self, dim: int, shots: int, grid: int | tuple[int, int]):
         super().__init__()
         self.shots = shots
-        self.grid = grid
-        self.top = max(1, math.ceil(FOREGROUND_TOP * grid * grid))
-        n_border = int(border_cells(grid).numel())
-        self.register_buffer("bank", torch.zeros(shots * grid * grid, dim))
+        self.grid: tuple[int, int] = (grid, grid) if isinstance(grid, int) else (grid[0], grid[1])
+        self.cells = self.grid[0] * self.grid[1]
+        self.top = max(1, math.ceil(FOREGROUND_TOP * self.cells))
+        n_border = int(border_cells(self.grid).numel())
+        self.register_buffer("bank", torch.zeros(shots * self.cells, dim))
         self.register_buffer("border", torch.zeros(shots * n_border, dim))
         self.register_buffer("fg_threshold", torch.tensor(0.0))
         self.register_buffer("masking", torch.tensor(0.0))
@@ -188,9 +191,9 @@ class FewShotBank(nn.Module):
     def fit(self, descriptors: torch.Tensor) -> dict[str, float]:
         """Fill the bank from the k shots' descriptors ``[k, g·g, D]`` and fit the mask."""
         k, n, d = descriptors.shape
-        if k != self.shots or n != self.grid * self.grid:
+        if k != self.shots or n != self.cells:
             raise ValueError(
-                f"few-shot bank needs [{self.shots}, {self.grid**2}, D] descriptors, got "
+                f"few-shot bank needs [{self.shots}, {self.cells}, D] descriptors, got "
                 f"{tuple(descriptors.shape)}"
             )
         desc = descriptors.to(torch.float32)
@@ -202,7 +205,7 @@ class FewShotBank(nn.Module):
         # border patches' best similarity to border cells elsewhere is the edge of "looks like
         # background"; patches less similar than that, with a margin, are the product. Cells
         # within two of each other share pixels through the 3×3 averaging, so they do not count.
-        rows, cols = cells // self.grid, cells % self.grid
+        rows, cols = cells // self.grid[1], cells % self.grid[1]
         shot = torch.arange(k).repeat_interleave(len(cells))
         r, c = rows.repeat(k), cols.repeat(k)
         near = (

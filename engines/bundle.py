@@ -187,14 +187,14 @@ def save_bundle(
             "preprocessing": {
                 "input": "uint8 [B, H, W, 3] RGB",
                 "resize": "bilinear, full frame, not aspect-preserving",
-                "input_size": [model.config.input_size, model.config.input_size],
+                "input_size": list(model.config.input_size),  # [H, W]
                 "mean": list(spec.mean),
                 "std": list(spec.std),
             },
             "outputs": {
                 "scores": ["B", len(model.config.branches)],
-                "anomaly_map": ["B", 1, model.config.map_size, model.config.map_size],
-                "segmentation": ["B", model.config.input_size, model.config.input_size],
+                "anomaly_map": ["B", 1, *model.config.map_size],
+                "segmentation": ["B", *model.config.input_size],
             },
             "software": _software(),
             "files": files,

@@ -36,8 +36,8 @@ def export_onnx(model: CSADModel, path: str | Path, *, opset: int = MIN_OPSET) -
     if opset < MIN_OPSET:
         raise ConfigError(f"ONNX opset {opset} is too old: use {MIN_OPSET} or newer")
     path = Path(path)
-    size = model.config.input_size
-    example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
+    h, w = model.config.input_size
+    example = torch.zeros(1, h, w, 3, dtype=torch.uint8)
     outputs = output_names(model)
     was_training = model.training
     model.eval()

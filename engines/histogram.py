@@ -25,16 +25,20 @@ RIDGE_RELATIVE = 1e-2
 RIDGE_ABSOLUTE = 1e-6
 
 
-def class_histograms(labels: torch.Tensor, num_classes: int, grid: int, size: int) -> torch.Tensor:
+def class_histograms(
+    labels: torch.Tensor, num_classes: int, grid: int, size: int | tuple[int, int]
+) -> torch.Tensor:
     """Pixel fraction of each foreground class per grid cell, flattened: ``[B, (C-1)·g·g]``.
 
     Class 0 is background and is left out, as in CSAD (its share is implied by the others).
-    ``labels`` is ``[B, size, size]`` with ``size`` divisible by ``grid``; the size is passed as
-    a Python int so the pooling kernel is a constant in the exported graph.
+    ``labels`` is ``[B, H, W]`` with ``size`` = (H, W) (or one side of a square), both sides
+    divisible by ``grid``; a g×g grid on a non-square input has cells of the input's aspect.
+    The size is passed as Python ints so the pooling kernel is a constant in the exported graph.
     """
+    h, w = (size, size) if isinstance(size, int) else size
     classes = torch.arange(1, num_classes, device=labels.device, dtype=labels.dtype)
     onehot = (labels.unsqueeze(1) == classes.view(1, -1, 1, 1)).to(torch.float32)
-    cells = F.avg_pool2d(onehot, kernel_size=size // grid)
+    cells = F.avg_pool2d(onehot, kernel_size=(h // grid, w // grid))
     return cells.flatten(1)
 
 
@@ -93,7 +97,9 @@ class PatchHistogram(nn.Module):
     of it lives in buffers, so it is saved in the bundle and exported with the graph.
     """
 
-    def __init__(self, num_classes: int, size: int, grids: tuple[int, ...] = (1, 2)):
+    def __init__(
+        self, num_classes: int, size: int | tuple[int, int], grids: tuple[int, ...] = (1, 2)
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.size = size

@@ -102,11 +102,11 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
 def patch_descriptors(
     features: tuple[torch.Tensor, ...] | list[torch.Tensor], kind: str = "mid"
 ) -> torch.Tensor:
-    """Patch descriptors ``[B, D, g, g]`` from the backbone taps at strides 4, 8, 16.
+    """Patch descriptors ``[B, D, gh, gw]`` from the backbone taps at strides 4, 8, 16.
 
-    ``g`` is the grid of the descriptor's finest tap (``input_size / stride``). Coarser taps
-    are bilinearly upsampled onto it; the only sizes used are the taps' own, so the exported
-    graph has no data-dependent shape and keeps its dynamic batch axis.
+    ``(gh, gw)`` is the grid of the descriptor's finest tap (input height and width over its
+    stride). Coarser taps are bilinearly upsampled onto it; the only sizes used are the taps'
+    own, so the exported graph has no data-dependent shape and keeps its dynamic batch axis.
     """
     spec = descriptor_kind(kind)
     taps = [features[TAP_STRIDES.index(s)] for s in spec.taps]
@@ -131,7 +131,7 @@ class PatchBank(nn.Module):
     q_a: torch.Tensor
     q_b: torch.Tensor
 
-    def __init__(self, feature_dim: int, bank_size: int, grid: int, kind: str = "mid"):
+    def __init__(self, feature_dim: int, bank_size: int, grid: tuple[int, int], kind: str = "mid"):
         super().__init__()
         descriptor_kind(kind)
         self.grid = grid
@@ -180,13 +180,13 @@ def normalise(distances: _Map, q_a: torch.Tensor | float, q_b: torch.Tensor | fl
     return MAP_SCALE * (distances - q_a) / (q_b - q_a)
 
 
-def to_map(knn_map: torch.Tensor, map_size: int) -> torch.Tensor:
-    """The bank's map ``[B, 1, g, g]`` at the anomaly map's size ``[B, 1, s, s]`` (bilinear).
+def to_map(knn_map: torch.Tensor, map_size: tuple[int, int]) -> torch.Tensor:
+    """The bank's map ``[B, 1, gh, gw]`` at the anomaly map's size ``[B, 1, h, w]`` (bilinear).
 
     For display and for the summed map only: the branch's score is taken on the descriptor
     grid before this, so it is PatchCore's image score — the largest patch distance — and not
     a value smoothed by the resampling.
     """
-    if knn_map.shape[-1] == map_size:
+    if tuple(knn_map.shape[-2:]) == tuple(map_size):
         return knn_map
-    return F.interpolate(knn_map, size=(map_size, map_size), mode="bilinear", align_corners=False)
+    return F.interpolate(knn_map, size=tuple(map_size), mode="bilinear", align_corners=False)

@@ -55,7 +55,7 @@ class TeacherHead(nn.Module):
         self,
         in_channels: int,
         channels: int,
-        feat_size: int,
+        feat_size: tuple[int, int],
         seed: int = 0,
         strides: tuple[int, ...] = (8, 16),
     ) -> None:
@@ -76,10 +76,10 @@ class TeacherHead(nn.Module):
 
     def raw(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Projected features before normalisation (what calibration averages)."""
-        size = (self.feat_size, self.feat_size)
+        size = self.feat_size
         maps = [
             f
-            if f.shape[-1] == self.feat_size
+            if tuple(f.shape[-2:]) == size
             else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             for f in (features[i] for i in self.taps)
         ]
@@ -130,7 +130,7 @@ def _lite_trunk(width: int = 64) -> nn.Sequential:
 class LocalStudent(nn.Module):
     """Student trunk with two 1×1 heads: one regresses the teacher, one the autoencoder."""
 
-    def __init__(self, profile: LGSTProfile, feat_size: int):
+    def __init__(self, profile: LGSTProfile, feat_size: tuple[int, int]):
         super().__init__()
         self.feat_size = feat_size
         if profile.student == "pdn_medium":
@@ -144,8 +144,8 @@ class LocalStudent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.trunk(x)
-        if y.shape[-1] != self.feat_size or y.shape[-2] != self.feat_size:
-            y = F.interpolate(y, size=(self.feat_size, self.feat_size), mode="bilinear")
+        if tuple(y.shape[-2:]) != self.feat_size:
+            y = F.interpolate(y, size=self.feat_size, mode="bilinear")
         return self.head_local(y), self.head_global(y)
 
 
@@ -156,18 +156,23 @@ class AutoEncoder(nn.Module):
     it has learned, so misplaced or missing components show up in its error.
     """
 
-    def __init__(self, base: int, channels: int, input_size: int, feat_size: int):
+    def __init__(
+        self, base: int, channels: int, input_size: tuple[int, int], feat_size: tuple[int, int]
+    ):
         super().__init__()
-        if input_size % 32:
-            raise ValueError(f"autoencoder needs an input size divisible by 32, got {input_size}")
+        if input_size[0] % 32 or input_size[1] % 32:
+            raise ValueError(f"autoencoder needs sides divisible by 32, got {input_size}")
         layers: list[nn.Module] = []
         cin = 3
         for cout in (base // 2, base // 2, base, base, base):
             layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
             cin = cout
-        layers.append(nn.Conv2d(base, base, input_size // 32))
+        # the last conv spans the whole stride-32 grid: a 1×1 bottleneck whatever the aspect
+        layers.append(nn.Conv2d(base, base, (input_size[0] // 32, input_size[1] // 32)))
         self.encoder = nn.Sequential(*layers)
-        self.sizes = tuple(max(feat_size // 2**k, 1) for k in (4, 3, 2, 1, 0))
+        self.sizes = tuple(
+            (max(feat_size[0] // 2**k, 1), max(feat_size[1] // 2**k, 1)) for k in (4, 3, 2, 1, 0)
+        )
         self.decoder = nn.ModuleList(
             [
                 nn.Sequential(nn.Conv2d(base, base, 3, padding=1), nn.ReLU(inplace=True))
@@ -179,7 +184,7 @@ class AutoEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.encoder(x)
         for size, block in zip(self.sizes, self.decoder, strict=True):
-            y = block(F.interpolate(y, size=(size, size), mode="bilinear"))
+            y = block(F.interpolate(y, size=size, mode="bilinear"))
         return self.out(y)
 
 
@@ -192,11 +197,17 @@ class LGST(nn.Module):
     q_global_b: torch.Tensor
 
     def __init__(
-        self, profile: LGSTProfile, channels: dict[int, int], input_size: int, seed: int = 0
+        self,
+        profile: LGSTProfile,
+        channels: dict[int, int],
+        input_size: int | tuple[int, int],
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.profile = profile
-        self.feat_size = input_size // 4
+        if isinstance(input_size, int):
+            input_size = (input_size, input_size)
+        self.feat_size = (input_size[0] // 4, input_size[1] // 4)
         teacher_in = sum(channels[s] for s in profile.teacher_strides)
         self.teacher = TeacherHead(
             teacher_in, profile.channels, self.feat_size, seed, profile.teacher_strides

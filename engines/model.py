@@ -22,6 +22,7 @@ from lineguard.engines.banks import FewShotBank, ImageBank, class_shares, compos
 from lineguard.engines.codec import FrameCodec
 from lineguard.engines.errors import ConfigError, InputError
 from lineguard.engines.histogram import PatchHistogram
+from lineguard.engines.input_size import InputSize, parse_input_size
 from lineguard.engines.knn import (
     PATCH_DESCRIPTORS,
     PatchBank,
@@ -84,7 +85,8 @@ class ModelConfig:
     """Everything needed to rebuild the architecture; stored in the bundle manifest."""
 
     backbone: str = "efficientnet_lite0"
-    input_size: int = 256
+    # (height, width); an int (or a manifest written before non-square inputs) means a square
+    input_size: InputSize = (256, 256)
     profile: str = "lite"
     class_names: tuple[str, ...] = ("background", "component")
     hist_grids: tuple[int, ...] = (1, 2)
@@ -114,17 +116,15 @@ class ModelConfig:
         backbone_spec(self.backbone)  # raises with the list of known names
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown profile {self.profile!r}; use one of {sorted(PROFILES)}")
-        if self.input_size < 32 or self.input_size % 32:
-            raise ConfigError(
-                f"input_size {self.input_size} must be a multiple of 32 (e.g. 256): the backbone "
-                "and the autoencoder downsample by 32"
-            )
+        object.__setattr__(self, "input_size", parse_input_size(self.input_size))
         if len(self.class_names) < 2:
             raise ConfigError("class_names needs background plus at least one component class")
-        bad = [g for g in self.hist_grids if g < 1 or self.input_size % g]
+        h, w = self.input_size
+        bad = [g for g in self.hist_grids if g < 1 or h % g or w % g]
         if bad or not self.hist_grids:
             raise ConfigError(
-                f"histogram grids {self.hist_grids} must divide input_size {self.input_size}"
+                f"histogram grids {self.hist_grids} must divide both sides of the input size "
+                f"{h}x{w}"
             )
         for name in ("patch_bank", "hist_bank", "comp_bank", "fewshot_shots"):
             if getattr(self, name) < 0:
@@ -169,16 +169,35 @@ class ModelConfig:
         return len(self.class_names)
 
     @property
-    def map_size(self) -> int:
-        return self.input_size // 4
+    def height(self) -> int:
+        return self.input_size[0]
 
     @property
-    def patch_grid(self) -> int:
-        """Side of the patch banks' descriptor grid (32 for PatchCore's taps at 256 px)."""
-        return self.input_size // descriptor_kind(self.patch_descriptor).stride
+    def width(self) -> int:
+        return self.input_size[1]
+
+    @property
+    def map_size(self) -> InputSize:
+        """(h, w) of the anomaly map: a quarter of the input on each side."""
+        return (self.height // 4, self.width // 4)
+
+    @property
+    def patch_grid(self) -> InputSize:
+        """(rows, columns) of the patch banks' descriptor grid (32×32 for PatchCore's taps at
+        256 px)."""
+        stride = descriptor_kind(self.patch_descriptor).stride
+        return (self.height // stride, self.width // stride)
+
+    @property
+    def patch_count(self) -> int:
+        """Patches per image on the descriptor grid."""
+        gh, gw = self.patch_grid
+        return gh * gw
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelConfig:
@@ -190,6 +209,8 @@ class ModelConfig:
             )
         values = dict(data)
         values.setdefault("patch_descriptor", "shallow")  # written before the field existed
+        if "input_size" in values:
+            values["input_size"] = parse_input_size(values["input_size"])
         for key in ("class_names", "hist_grids"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -236,18 +257,20 @@ class CSADModel(nn.Module):
             # without this their response, not the defect, sets the image maximum. The patch
             # bank's prior lives on its descriptor grid, where its score is taken.
             s, g = config.map_size, config.patch_grid
-            self.register_buffer("prior_lgst", torch.zeros(1, 1, s, s))
-            self.register_buffer("prior_knn", torch.zeros(1, 1, g, g))
+            self.register_buffer("prior_lgst", torch.zeros(1, 1, *s))
+            self.register_buffer("prior_knn", torch.zeros(1, 1, *g))
         if config.position_scale:
             # Positions where good parts differ a lot among themselves (edges under pose jitter)
             # still set LGST's maximum after the mean is gone; their spread, relative to the
             # map's typical spread, divides them down (one until calibration). Not for the patch
             # bank: its distances are to good patches that already span that variation, and on
             # the seed-1 selection line dividing them too cost structural AUROC (0.951 → 0.945).
-            self.register_buffer("prior_scale_lgst", torch.ones(1, 1, s, s))
+            self.register_buffer("prior_scale_lgst", torch.ones(1, 1, *s))
         self.fewshot_knn = (
             FewShotBank(
-                spec.channels[8] + spec.channels[16], config.fewshot_shots, config.input_size // 8
+                spec.channels[8] + spec.channels[16],
+                config.fewshot_shots,
+                (config.height // 8, config.width // 8),
             )
             if config.fewshot_shots
             else None
@@ -259,14 +282,13 @@ class CSADModel(nn.Module):
             raise InputError(f"expected images [B, H, W, 3], got shape {tuple(images.shape)}")
         x = images.permute(0, 3, 1, 2).to(self.pixel_mean.dtype)
         size = self.config.input_size
-        if x.shape[-2] != size or x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return (x - self.pixel_mean) / self.pixel_std
 
     def segment(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Class logits ``[B, C, S, S]`` from the backbone taps at strides 4, 8, 16."""
-        size = self.config.input_size
-        return self.segmenter(features[0], features[2], (size, size))
+        return self.segmenter(features[0], features[2], self.config.input_size)
 
     def describe_patches(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The patch descriptors ``[B, D, g, g]`` that every patch-level bank reads.
@@ -306,11 +328,11 @@ class CSADModel(nn.Module):
             amap = amap + to_map(knn_map, self.config.map_size)
         if self.hist_knn is not None:
             columns.append(
-                self.hist_knn(class_shares(labels, self.config.num_classes, x.shape[-1]))
+                self.hist_knn(class_shares(labels, self.config.num_classes, self.config.input_size))
             )
         if self.comp_knn is not None:
             assert desc is not None
-            cell = self.config.input_size // self.config.patch_grid
+            cell = self.config.height // self.config.patch_grid[0]
             columns.append(self.comp_knn(composition(desc, labels, self.config.num_classes, cell)))
         if self.fewshot_knn is not None:
             columns.append(self.fewshot_knn(features[1], features[2]))

@@ -28,7 +28,7 @@ def color_jitter(
     return x.clamp(0, 255).round().to(torch.uint8)
 
 
-def procedural_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def procedural_images(n: int, size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Out-of-distribution images for the student penalty, made without any download.
 
     EfficientAD penalises the student's output on ImageNet images so that it only learns to
@@ -37,8 +37,10 @@ def procedural_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray
     which covers the same purpose (varied natural-ish statistics unlike the product). A folder
     of arbitrary photos can replace it (``penalty="folder"``).
     """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    h, w = (size, size) if isinstance(size, int) else size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = yy / h, xx / w
+    out = np.empty((n, h, w, 3), dtype=np.uint8)
     for i in range(n):
         base = (
             rng.uniform(0, 255, 3)

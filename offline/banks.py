@@ -101,7 +101,7 @@ def bank_cap(config: ModelConfig, cap: int = PATCH_BANK_CAP) -> int:
     """The most entries this model's patch bank gets: ``cap``, or fewer where its descriptor
     makes each entry dearer to search than lite0's mid descriptor at 256 px."""
     dim = descriptor_kind(config.patch_descriptor).dim(backbone_spec(config.backbone).channels)
-    per_entry = config.patch_grid**2 * dim
+    per_entry = config.patch_count * dim
     return max(min(PATCH_BANK_MIN, cap), min(cap, SEARCH_MACS // per_entry))
 
 
@@ -219,8 +219,7 @@ def collect_patches(
     """
     assert model.patch_knn is not None
     rng = np.random.default_rng(seed)
-    grid = model.config.patch_grid
-    per_image = grid * grid
+    per_image = model.config.patch_count
     if max_patches is not None:
         per_image = max(1, min(per_image, max_patches // max(len(images), 1)))
     parts: list[torch.Tensor] = []
@@ -296,9 +295,9 @@ def image_vectors(model: CSADModel, images: np.ndarray) -> dict[str, np.ndarray]
         x = model.preprocess(chunk)
         f = model.backbone(x)
         labels = model.segment(f).argmax(dim=1)
-        shares.append(class_shares(labels, config.num_classes, x.shape[-1]).cpu())
+        shares.append(class_shares(labels, config.num_classes, config.input_size).cpu())
         desc = model.describe_patches(f)
-        cell = config.input_size // config.patch_grid
+        cell = config.height // config.patch_grid[0]
         comps.append(composition(desc, labels, config.num_classes, cell).cpu())
     return {
         "hist_knn": torch.cat(shares).double().numpy(),

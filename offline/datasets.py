@@ -24,6 +24,7 @@ import numpy as np
 
 from lineguard.engines.codec import FrameCodec
 from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.engines.input_size import resize_frame
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LAYOUTS = ("auto", "loco", "mvtec", "folder")
@@ -303,11 +304,44 @@ def _target(size: Size) -> tuple[int, int] | None:
 
 
 def _resize(img: np.ndarray, hw: tuple[int, int] | None, nearest: bool = False) -> np.ndarray:
-    if hw is None or img.shape[:2] == hw:
-        return img
-    shrink = hw[0] <= img.shape[0] and hw[1] <= img.shape[1]
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(img, (hw[1], hw[0]), interpolation=interp)
+    return img if hw is None else resize_frame(img, hw, nearest=nearest)
+
+
+# The automatic input size: as many pixels as the square 256 px default (so CPU speed stays in
+# budget), shaped like the training images. Near-square parts are resized to a square as CSAD
+# and PatchCore do (MVTec LOCO's 1600×1100 frames stay 256×256); from an aspect of 1.5 on,
+# squashing would thin a crack across the short side, so the input takes the parts' aspect.
+AUTO_PIXELS = 256 * 256
+AUTO_SQUARE_BELOW = 1.5
+AUTO_MAX_ASPECT = 4.0
+AUTO_SAMPLE = 32  # training images whose size is read to find the median aspect
+
+
+def input_size_for_aspect(aspect: float, pixels: int = AUTO_PIXELS) -> tuple[int, int]:
+    """(height, width), multiples of 32, of about ``pixels`` pixels, for width / height =
+    ``aspect``; square when the aspect is within ``AUTO_SQUARE_BELOW`` of one."""
+    if not math.isfinite(aspect) or aspect <= 0:
+        raise ConfigError(f"aspect ratio must be positive, got {aspect}")
+    if max(aspect, 1 / aspect) < AUTO_SQUARE_BELOW:
+        side = max(32, 32 * round(math.sqrt(pixels) / 32))
+        return (side, side)
+    aspect = min(max(aspect, 1 / AUTO_MAX_ASPECT), AUTO_MAX_ASPECT)
+    h = max(32, 32 * math.floor(math.sqrt(pixels / aspect) / 32 + 0.5))
+    w = max(32, 32 * math.floor(h * aspect / 32 + 0.5))
+    return (h, w)
+
+
+def median_aspect(samples: list[Sample], limit: int = AUTO_SAMPLE) -> float:
+    """Median width / height over up to ``limit`` evenly spread samples (read in full: OpenCV
+    has no header-only read, and ``limit`` keeps that to a few dozen files)."""
+    if not samples:
+        raise ConfigError("no images to take the aspect ratio from")
+    step = max(1, len(samples) // limit)
+    aspects = []
+    for s in samples[::step][:limit]:
+        img = _read(s.path)
+        aspects.append(img.shape[1] / img.shape[0])
+    return float(np.median(aspects))
 
 
 def load_image(path: Path | str, size: Size = None, codec: FrameCodec | None = None) -> np.ndarray:

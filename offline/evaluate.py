@@ -121,11 +121,10 @@ def _tile(
     vmax: float,
     n_classes: int,
 ) -> np.ndarray:
-    size = image.shape[0]
     shown = image.copy()
     if sample.label:
         try:
-            mask = load_mask(sample, size)
+            mask = load_mask(sample, image.shape[:2])
             contours, _ = cv2.findContours(
                 mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
             )

@@ -17,6 +17,7 @@ import torch
 
 from lineguard.engines.banks import FewShotBank, fewshot_descriptors
 from lineguard.engines.errors import ConfigError
+from lineguard.engines.input_size import parse_input_size
 from lineguard.engines.model import CSADModel, ModelConfig
 from lineguard.offline.datasets import load_image, open_dataset
 from lineguard.offline.evaluate import EvaluationError, auroc, f1_max
@@ -28,7 +29,7 @@ def fewshot_curve(
     shots: Sequence[int] = (1, 2, 4, 8),
     *,
     backbone: str = "efficientnet_lite0",
-    input_size: int = 256,
+    input_size: int | tuple[int, int] = 256,
     batch: int = 16,
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
@@ -41,10 +42,11 @@ def fewshot_curve(
     test = list(dataset.test)
     y = np.array([s.label for s in test])
     types = np.array([s.anomaly_type for s in test])
+    size = parse_input_size(input_size)
     log(f"reading {len(test)} test images")
-    images = np.stack([load_image(s.path, input_size) for s in test])
-    shots_images = np.stack([load_image(s.path, input_size) for s in dataset.train[: max(shots)]])
-    model = CSADModel(ModelConfig(backbone=backbone, input_size=input_size)).eval()
+    images = np.stack([load_image(s.path, size) for s in test])
+    shots_images = np.stack([load_image(s.path, size) for s in dataset.train[: max(shots)]])
+    model = CSADModel(ModelConfig(backbone=backbone, input_size=size)).eval()
 
     def taps(chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         f = model.backbone(model.preprocess(torch.from_numpy(chunk)))
@@ -55,7 +57,7 @@ def fewshot_curve(
     shot_desc = fewshot_descriptors(*taps(shots_images))
     rows = []
     for k in sorted(shots):
-        bank = FewShotBank(shot_desc.shape[-1], k, input_size // 8)
+        bank = FewShotBank(shot_desc.shape[-1], k, (size[0] // 8, size[1] // 8))
         info = bank.fit(shot_desc[:k])
         scores = [bank(f8, f16).numpy() for f8, f16 in tests]
         s = np.concatenate(scores).astype(np.float64)

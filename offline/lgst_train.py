@@ -71,8 +71,8 @@ def fit_teacher_normalisation(
     set once for both; None otherwise.
     """
     teacher = model.lgst.teacher
-    feat = teacher.feat_size
-    keep = len(images) * teacher.proj.out_channels * feat * feat * 4 <= keep_bytes
+    fh, fw = teacher.feat_size
+    keep = len(images) * teacher.proj.out_channels * fh * fw * 4 <= keep_bytes
     kept: list[torch.Tensor] = []
     total = sq = None
     count = 0
@@ -110,7 +110,9 @@ def hard_mse(target: torch.Tensor, output: torch.Tensor, quantile: float) -> tor
     return (target.flatten()[hard] - output.flatten()[hard]).pow(2).mean()
 
 
-def penalty_source(config: LGSTTrainConfig, size: int) -> Callable[[int], np.ndarray] | None:
+def penalty_source(
+    config: LGSTTrainConfig, size: tuple[int, int]
+) -> Callable[[int], np.ndarray] | None:
     if config.penalty == "off":
         return None
     rng = np.random.default_rng(config.seed + 1)

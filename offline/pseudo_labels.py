@@ -71,18 +71,29 @@ def _normalise(images: np.ndarray, backbone: Backbone) -> torch.Tensor:
     return (torch.from_numpy(images).permute(0, 3, 1, 2).float() - mean) / std
 
 
+def feature_grid(image_hw: tuple[int, int], side: int) -> tuple[int, int]:
+    """The (rows, columns) at which pixels are clustered: ``side``² cells in all, shaped like
+    the image, so a long part keeps its proportions and is not squeezed before clustering."""
+    h, w = image_hw
+    if h == w:
+        return (side, side)
+    aspect = w / h
+    return (max(8, round(side / aspect**0.5)), max(8, round(side * aspect**0.5)))
+
+
 def _pixel_features(
-    backbone: Backbone, images: np.ndarray, size: int, blur: float = 1.5
+    backbone: Backbone, images: np.ndarray, size: tuple[int, int], blur: float = 1.5
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel Lab colour ``[N, s, s, 3]`` and stride-4/8 backbone features ``[N, s, s, D]``."""
+    """Per-pixel Lab colour ``[N, h, w, 3]`` and stride-4/8 backbone features ``[N, h, w, D]``
+    on the clustering grid ``size`` = (h, w)."""
     colour, deep = [], []
     for i in range(0, len(images), 16):
         chunk = images[i : i + 16]
         with torch.no_grad():
             f4, f8, _ = backbone(_normalise(chunk, backbone))
-        d = torch.cat([F.interpolate(f, size=(size, size), mode="bilinear") for f in (f4, f8)], 1)
+        d = torch.cat([F.interpolate(f, size=size, mode="bilinear") for f in (f4, f8)], 1)
         deep.append(d.permute(0, 2, 3, 1).numpy())
-        small = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in chunk]
+        small = [cv2.resize(im, size[::-1], interpolation=cv2.INTER_AREA) for im in chunk]
         # A light blur turns fine texture (granules on a bed) into the region's mean colour, so
         # a textured component is one region and not a salt-and-pepper of two colour clusters.
         lab = [cv2.GaussianBlur(cv2.cvtColor(im, cv2.COLOR_RGB2LAB), (0, 0), blur) for im in small]
@@ -105,8 +116,10 @@ def oversegment(
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.decomposition import PCA
 
-    size = config.feature_size
-    colour, deep = _pixel_features(backbone, images, size)
+    grid = feature_grid(images.shape[1:3], config.feature_size)
+    # lengths below are relative to the grid's mean side: the square grid's side when square
+    size = (grid[0] * grid[1]) ** 0.5
+    colour, deep = _pixel_features(backbone, images, grid)
     n = len(images)
     rng = np.random.default_rng(config.seed)
     deep_flat = deep.reshape(-1, deep.shape[-1])
@@ -120,8 +133,8 @@ def oversegment(
     ).astype(np.float32)
     sample = rng.choice(len(x), min(len(x), 200_000), replace=False)
     kmeans = MiniBatchKMeans(config.clusters, random_state=config.seed, n_init=3, batch_size=4096)
-    clusters = kmeans.fit(x[sample]).predict(x).reshape(n, size, size)
-    full = images.shape[1]
+    clusters = kmeans.fit(x[sample]).predict(x).reshape(n, *grid)
+    full_hw = images.shape[1:3]
     masks: list[list[np.ndarray]] = []
     for cmap in clusters:
         cmap = cv2.medianBlur(cmap.astype(np.uint8), 3)
@@ -133,13 +146,20 @@ def oversegment(
                 longest = max(stats[k, cv2.CC_STAT_WIDTH], stats[k, cv2.CC_STAT_HEIGHT])
                 # Mean thickness in pixels: edges, walls and shadows are long and thin.
                 thickness = stats[k, cv2.CC_STAT_AREA] / longest
+                # share of the frame's extent along each axis: a region spanning most of
+                # the frame in either direction is background, whatever the aspect
+                span = max(
+                    stats[k, cv2.CC_STAT_WIDTH] / grid[1], stats[k, cv2.CC_STAT_HEIGHT] / grid[0]
+                )
                 if (
                     MIN_AREA_FRACTION <= area <= MAX_AREA_FRACTION
-                    and longest / size <= 0.6
+                    and span <= 0.6
                     and thickness >= config.min_thickness * size / 128
                 ):
                     region = (comp == k).astype(np.uint8)
-                    up = cv2.resize(region, (full, full), interpolation=cv2.INTER_LINEAR)
+                    up = cv2.resize(
+                        region, (full_hw[1], full_hw[0]), interpolation=cv2.INTER_LINEAR
+                    )
                     found.append(up.astype(bool))
         found.sort(key=lambda m: -int(m.sum()))
         masks.append(found[: config.max_objects])

@@ -74,7 +74,7 @@ def refit_bundle(
         patch_bank = "auto"
     if patch_bank == "auto":
         target = replace(old, patch_descriptor=descriptor)
-        patches = len(train_images) * target.patch_grid**2
+        patches = len(train_images) * target.patch_count
         patch_bank = coreset_size(patches, cap=bank_cap(target))
         log(f"patch bank: {patch_bank} of {patches} training patches")
     config = replace(

@@ -81,7 +81,7 @@ def lsa(
     classes = [c for c in np.unique(labels) if c != 0]
     if not classes:
         return image, labels
-    size = labels.shape[0]
+    height, width = labels.shape[:2]
     for _ in range(int(rng.integers(1, max_copies + 1))):
         cls = int(rng.choice(classes))
         n, comp = cv2.connectedComponents((labels == cls).astype(np.uint8))
@@ -90,10 +90,10 @@ def lsa(
         mask = comp == int(rng.integers(1, n))
         ys, xs = np.nonzero(mask)
         h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-        if h >= size * 0.6 or w >= size * 0.6:
+        if h >= height * 0.6 or w >= width * 0.6:
             continue  # a component spanning most of the image has nowhere else to go
-        dy = int(rng.integers(0, size - h)) - ys.min()
-        dx = int(rng.integers(0, size - w)) - xs.min()
+        dy = int(rng.integers(0, height - h)) - ys.min()
+        dx = int(rng.integers(0, width - w)) - xs.min()
         image[ys + dy, xs + dx] = image[ys, xs]
         labels[ys + dy, xs + dx] = cls
     return image, labels

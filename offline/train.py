@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
 from lineguard.engines.codec import DEFAULT_FRAME_CODEC, FrameCodec
 from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.engines.input_size import format_input_size, parse_input_size
 from lineguard.engines.model import CSADModel, ModelConfig, resolve_patch_search
 from lineguard.offline.banks import (
     BANK_BRANCHES,
@@ -40,7 +41,13 @@ from lineguard.offline.banks import (
     fit_banks,
 )
 from lineguard.offline.calibrate import calibrate
-from lineguard.offline.datasets import Dataset, load_image, open_dataset
+from lineguard.offline.datasets import (
+    Dataset,
+    input_size_for_aspect,
+    load_image,
+    median_aspect,
+    open_dataset,
+)
 from lineguard.offline.lgst_train import (
     TEACHER_CACHE_BYTES,
     LGSTTrainConfig,
@@ -155,7 +162,7 @@ def _check_counts(dataset: Dataset, note: Callable[[str], None]) -> None:
 
 def _load_images(
     samples: list,
-    size: int,
+    size: tuple[int, int],
     limit: int | None,
     note: Callable[[str], None],
     codec: FrameCodec,
@@ -168,12 +175,12 @@ def _load_images(
 
 
 def _user_labels(
-    label_dir: Path, samples: list, size: int
+    label_dir: Path, samples: list, size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """PSAD's few-shot mode: a handful of label maps drawn by a user, matched by file stem."""
     import cv2
 
-    labels = np.zeros((len(samples), size, size), np.uint8)
+    labels = np.zeros((len(samples), *size), np.uint8)
     labelled = np.zeros(len(samples), bool)
     for i, sample in enumerate(samples):
         path = label_dir / f"{sample.path.stem}.png"
@@ -181,7 +188,7 @@ def _user_labels(
             m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
             if m is None:
                 raise TrainingError(f"label map {path} cannot be read as a grayscale PNG")
-            labels[i] = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+            labels[i] = cv2.resize(m, size[::-1], interpolation=cv2.INTER_NEAREST)
             labelled[i] = True
     if not labelled.any():
         raise TrainingError(
@@ -213,7 +220,7 @@ def train_bundle(
     profile: str = "lite",
     device: str = "cpu",
     preset: str | TrainPreset = "default",
-    input_size: int = 256,
+    input_size: int | str | tuple[int, int] = "auto",
     target_frr: float = 0.01,
     normalisation: str = "trimmed_z",
     fusion: str = "max",
@@ -260,10 +267,17 @@ def train_bundle(
     out = Path(out)
     work = out.with_name(out.name + ".work")
     dataset = open_dataset(data_dir)
+    if input_size == "auto":
+        aspect = median_aspect(dataset.train)
+        size = input_size_for_aspect(aspect)
+        note(f"input size {format_input_size(size)} (training images' median aspect {aspect:.2f})")
+    else:
+        size = parse_input_size(input_size)
     settings = {
         "backbone": backbone,
         "profile": profile,
-        "input_size": input_size,
+        # one number for a square, as before non-square inputs: resumable work dirs stay valid
+        "input_size": size[0] if size[0] == size[1] else list(size),
         "preset": asdict(preset),
         "labels_dir": str(labels_dir) if labels_dir else None,
         "patch_search": patch_search,
@@ -300,8 +314,8 @@ def train_bundle(
     torch.manual_seed(0)
     # every image is read (and checked) now, validation too: a corrupt file is found in
     # seconds, not at stage 5 after the networks have trained
-    train_images = _load_images(dataset.train, input_size, preset.max_train, note, codec)
-    val_images = _load_images(dataset.validation, input_size, None, note, codec)
+    train_images = _load_images(dataset.train, size, preset.max_train, note, codec)
+    val_images = _load_images(dataset.validation, size, None, note, codec)
     # --- 1. pseudo-labels -------------------------------------------------------------------
     labels_file = work / "pseudo_labels.safetensors"
     if "pseudo_labels" not in state["done"]:
@@ -309,7 +323,7 @@ def train_bundle(
         if labels_dir is not None:
             note("stage 1/5: user label maps (few-shot mode)")
             labels, labelled, names = _user_labels(
-                Path(labels_dir), dataset.train[: len(train_images)], input_size
+                Path(labels_dir), dataset.train[: len(train_images)], size
             )
             stats: dict[str, float] = {"labelled_fraction": float(labelled.mean())}
         else:
@@ -339,7 +353,7 @@ def train_bundle(
     labels, labelled = arrays["labels"], arrays["labelled"].astype(bool)
     config = ModelConfig(
         backbone=backbone,
-        input_size=input_size,
+        input_size=size,
         profile=profile,
         class_names=tuple(state["class_names"]),
         patch_bank=0,
@@ -359,7 +373,7 @@ def train_bundle(
     config = replace(config, patch_descriptor=descriptor)
     bank_size = preset.patch_bank
     if bank_size is None:
-        patches = len(train_images) * config.patch_grid**2
+        patches = len(train_images) * config.patch_count
         cap = bank_cap(config, preset.patch_bank_cap)
         bank_size = coreset_size(patches, preset.patch_bank_fraction, cap)
         note(f"  patch bank: {bank_size} of {patches} training patches")

@@ -62,7 +62,7 @@ def send_source(
     settings: Settings,
     source: Source,
     *,
-    size: int | None,
+    size: tuple[int, int] | None,
     fps: float | None = None,
     record: str | Path | None = None,
     limit: int | None = None,

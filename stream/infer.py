@@ -103,7 +103,8 @@ class LoadedModel:
         return self.bundle.version
 
     @property
-    def size(self) -> int:
+    def size(self) -> tuple[int, int]:
+        """(height, width) the model takes."""
         return self.bundle.config.input_size
 
     def close(self) -> None:
@@ -123,8 +124,8 @@ def open_model(
     bnd = bundle if bundle is not None else load_bundle(path)
     kind = resolve_runtime(runtime, device, bnd)
     rt = open_runtime(bnd, kind=kind, device=device, precision=precision, max_batch=max_batch)
-    size = bnd.config.input_size
-    rt.run(np.zeros((1, size, size, 3), dtype=np.uint8))  # first-call allocations happen here
+    # first-call allocations happen here, not on the first frame
+    rt.run(np.zeros((1, *bnd.config.input_size, 3), dtype=np.uint8))
     return LoadedModel(bnd, rt)
 
 
@@ -367,7 +368,7 @@ class InferStage:
                 results[i] = self._error(frame, e, model, f"cannot decode frame: {exc}", base)
                 continue
             self._check_encoding(frame, model)
-            if img.shape[:2] != (model.size, model.size):
+            if img.shape[:2] != model.size:
                 img = resize_to(img, model.size)
             images.append(img)
             rows.append(i)

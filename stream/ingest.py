@@ -30,6 +30,7 @@ import structlog
 
 from lineguard.engines.codec import DEFAULT_JPEG_QUALITY, LOSSLESS, FrameCodec
 from lineguard.engines.errors import ConfigError, LineguardError
+from lineguard.engines.input_size import parse_input_size
 from lineguard.stream.bus import Bus
 from lineguard.stream.metrics import get_metrics
 from lineguard.stream.protocol import ENTRY_FIELD, Encoding, Frame, encode, make_frame, resize_to
@@ -113,15 +114,16 @@ def frame_codec_for(ingest: IngestSettings, bundle: FrameCodec | None) -> FrameC
     return codec
 
 
-def bundle_input_size(path: str | Path) -> int:
-    """The square input size a bundle expects, read from its manifest without loading torch."""
+def bundle_input_size(path: str | Path) -> tuple[int, int]:
+    """The (height, width) a bundle expects, read from its manifest without loading torch."""
     manifest, data = _manifest(path)
     size: Any = (data.get("model") or {}).get("input_size")
     if size is None:
-        size = ((data.get("preprocessing") or {}).get("input_size") or [None])[0]
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"{manifest} names no input size; pass --size")
-    return size
+        size = (data.get("preprocessing") or {}).get("input_size")
+    try:
+        return parse_input_size(size)
+    except (ConfigError, TypeError, ValueError):
+        raise ConfigError(f"{manifest} names no valid input size ({size!r}); pass --size") from None
 
 
 def parse_rate(value: str | float | None) -> float | None:
@@ -160,7 +162,7 @@ class Ingestor:
         bus: Bus,
         *,
         camera: str,
-        size: int | None = None,
+        size: tuple[int, int] | None = None,
         encoding: Encoding = "jpeg",
         jpeg_quality: int = 90,
         max_len: int = 1000,
@@ -187,7 +189,7 @@ class Ingestor:
         bus: Bus,
         settings: Settings,
         *,
-        size: int | None,
+        size: tuple[int, int] | None,
         recorder: Recorder | None = None,
         codec: FrameCodec | None = None,
     ) -> Ingestor:
@@ -294,7 +296,7 @@ class IngestStage:
         settings: Settings,
         source: Source,
         *,
-        size: int | None,
+        size: tuple[int, int] | None,
         fps: float | None = None,
         record: str | Path | None = None,
         limit: int | None = None,

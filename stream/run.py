@@ -291,7 +291,7 @@ def run_line(
     rate: float | None = None,
     loop: bool = False,
     limit: int | None = None,
-    size: int | None = None,
+    size: tuple[int, int] | None = None,
     record: str | Path | None = None,
     mode: Mode = "threads",
     runtime: str = "auto",

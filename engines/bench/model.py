@@ -23,6 +23,7 @@ from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
 from lineguard.engines.codec import DEFAULT_FRAME_CODEC
 from lineguard.engines.errors import LineguardError
 from lineguard.engines.fusion import Calibration
+from lineguard.engines.input_size import parse_input_size
 from lineguard.engines.model import CSADModel, ModelConfig
 from lineguard.engines.runtimes import open_runtime
 
@@ -49,8 +50,7 @@ def flops_per_image(model: CSADModel) -> float:
     """GFLOP of one forward at batch 1, counted by torch (multiply-add = 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    size = model.config.input_size
-    x = torch.zeros(1, size, size, 3, dtype=torch.uint8)
+    x = torch.zeros(1, *model.config.input_size, 3, dtype=torch.uint8)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() / 1e9
@@ -77,7 +77,9 @@ def time_runtime(
     return latencies
 
 
-def synthetic_bundle(backbone: str, profile: str, input_size: int, directory: Path) -> Bundle:
+def synthetic_bundle(
+    backbone: str, profile: str, input_size: int | tuple[int, int], directory: Path
+) -> Bundle:
     """A bundle with real backbone weights where they exist offline (random heads otherwise).
 
     Speed does not depend on the weight values, so the paper backbone is timed with random
@@ -86,7 +88,7 @@ def synthetic_bundle(backbone: str, profile: str, input_size: int, directory: Pa
     config = ModelConfig(
         backbone=backbone,
         profile=profile,
-        input_size=input_size,
+        input_size=parse_input_size(input_size),
         class_names=("background", "c1", "c2", "c3", "c4", "c5"),
         frame_codec=DEFAULT_FRAME_CODEC,  # what `lineguard train` records by default
     )
@@ -203,7 +205,7 @@ def bench_model(
                             f"{setup.precision} batch {b}"
                         )
                     images = np.random.default_rng(b).integers(
-                        0, 256, (b, size, size, 3), dtype=np.uint8
+                        0, 256, (b, *size, 3), dtype=np.uint8
                     )
                     lat = np.asarray(time_runtime(rt.run, images, min_time_s, min_iters))
                     rows.append(setup.row(b, lat))

@@ -93,16 +93,17 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
     raise InputError(f"batch of {n} exceeds the largest bucket {buckets[-1]}: split it")
 
 
-def check_images(images: object, size: int) -> np.ndarray:
-    """Validate a batch before it reaches a device: dtype, rank, size, channel count."""
+def check_images(images: object, size: tuple[int, int]) -> np.ndarray:
+    """Validate a batch before it reaches a device: dtype, rank, (H, W), channel count."""
     if not isinstance(images, np.ndarray):
         raise InputError(f"images must be a numpy array, got {type(images).__name__}")
     if images.dtype != np.uint8:
         raise InputError(f"images must be uint8, got {images.dtype}")
-    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.shape[0] < 1:
+    h, w = size
+    if images.ndim != 4 or images.shape[1:] != (h, w, 3) or images.shape[0] < 1:
         raise InputError(
-            f"images must have shape [B≥1, {size}, {size}, 3] (the bundle's input size), "
-            f"got {images.shape}"
+            f"images must have shape [B≥1, {h}, {w}, 3] (the bundle's input height and "
+            f"width), got {images.shape}"
         )
     return np.ascontiguousarray(images)
 

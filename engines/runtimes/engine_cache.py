@@ -37,9 +37,10 @@ class BatchProfile:
     opt: int
     max: int
 
-    def shapes(self, size: int) -> tuple[list[int], list[int], list[int]]:
-        """Input shapes ``[B, S, S, 3]`` for min, opt and max."""
-        return ([self.min, size, size, 3], [self.opt, size, size, 3], [self.max, size, size, 3])
+    def shapes(self, size: tuple[int, int]) -> tuple[list[int], list[int], list[int]]:
+        """Input shapes ``[B, H, W, 3]`` for min, opt and max."""
+        h, w = size
+        return ([self.min, h, w, 3], [self.opt, h, w, 3], [self.max, h, w, 3])
 
 
 def default_opt_batch(max_batch: int) -> int:

@@ -105,8 +105,8 @@ class FaissStage:
         if features is None:
             raise BundleError("the engine returned no patch_features for the faiss stage")
         b, _, d = features.shape
-        g = self.grid
-        distances = self.search.nearest(features.reshape(-1, d)).reshape(b, 1, g, g)
+        gh, gw = self.grid
+        distances = self.search.nearest(features.reshape(-1, d)).reshape(b, 1, gh, gw)
         knn_map = normalise(distances, self.q_a, self.q_b) - self.prior
         knn_map = knn_map.astype(np.float32)
         scores = np.array(out.scores, dtype=np.float32, copy=True)

@@ -277,7 +277,7 @@ def _build_engine(
     onnx_path: Path,
     plan: PrecisionPlan,
     profile: BatchProfile,
-    size: int,
+    size: tuple[int, int],
     timing_cache: Path,
     logger: trt.ILogger,
     workspace_bytes: int | None,
@@ -516,7 +516,7 @@ class TensorRTRuntime:
         host[INPUT_NAME][:n].copy_(torch.from_numpy(images))
         with torch.cuda.stream(self._stream):
             dev[INPUT_NAME][:n].copy_(host[INPUT_NAME][:n], non_blocking=True)
-            if not context.set_input_shape(INPUT_NAME, _dims([n, self.size, self.size, 3])):
+            if not context.set_input_shape(INPUT_NAME, _dims([n, *self.size, 3])):
                 raise RuntimeUnavailableError(f"TensorRT refused batch size {n}")
             for name, buffer in dev.items():  # rows [:n] of a contiguous buffer start at its base
                 context.set_tensor_address(name, buffer.data_ptr())

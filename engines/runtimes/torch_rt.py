@@ -69,9 +69,7 @@ class TorchRuntime:
         return self.model(x)
 
     def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Outputs]:
-        static_in = torch.zeros(
-            (rows, self.size, self.size, 3), dtype=torch.uint8, device=self._torch_device
-        )
+        static_in = torch.zeros((rows, *self.size, 3), dtype=torch.uint8, device=self._torch_device)
         assert self._stream is not None
         self._stream.wait_stream(torch.cuda.current_stream(self._torch_device))
         with torch.cuda.stream(self._stream):

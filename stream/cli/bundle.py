@@ -26,7 +26,8 @@ def bundle_info(
     table = Table(title=f"bundle {bundle.path}", show_header=False)
     table.add_row("model version", bundle.version)
     table.add_row("backbone / profile", f"{bundle.config.backbone} / {bundle.config.profile}")
-    table.add_row("input size", str(bundle.config.input_size))
+    h, w = bundle.config.input_size
+    table.add_row("input size", f"{h}×{w} (height × width)")
     table.add_row("frame codec", f"{bundle.config.codec.spec} (what ingest sends by default)")
     table.add_row("classes", ", ".join(bundle.config.class_names))
     table.add_row("branches", ", ".join(bundle.branches))

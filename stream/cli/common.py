@@ -53,6 +53,13 @@ def split_list(value: str, cast: Callable[[str], Any] = str) -> list[Any]:
         raise typer.BadParameter(f"cannot parse {value!r}: {exc}") from None
 
 
+def frame_size(value: str | None) -> tuple[int, int] | None:
+    """``--size PX|HxW`` as (height, width); ``None`` leaves the size to the bundle."""
+    from lineguard.engines.input_size import parse_input_size
+
+    return None if value is None else parse_input_size(value, multiple=1)
+
+
 def buckets_for(max_batch: int | None) -> str | None:
     """Batch buckets that fit ``--max-batch`` (powers of two, then the maximum itself)."""
     if max_batch is None or max_batch < 1:

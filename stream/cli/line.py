@@ -11,6 +11,7 @@ from lineguard.stream.cli.common import (
     err_console,
     event_printer,
     external_client,
+    frame_size,
     friendly_errors,
     load_settings,
     report_summary,
@@ -116,7 +117,7 @@ def run_cmd(
             rate=parse_rate(rate),
             loop=loop,
             limit=limit,
-            size=size,
+            size=frame_size(size),
             record=record,
             mode=workers,
             runtime=runtime,
@@ -172,8 +173,9 @@ def ingest(
             "metrics.port": metrics_port,
         }
     )
-    if size is None and bundle is not None:
-        size = bundle_input_size(bundle)
+    frame_hw = frame_size(size)
+    if frame_hw is None and bundle is not None:
+        frame_hw = bundle_input_size(bundle)
     codec = None if bundle is None else bundle_frame_codec(bundle)
     client = external_client(settings, "ingest")
     stop_metrics = serve_metrics(
@@ -187,7 +189,7 @@ def ingest(
             bus,
             settings,
             src,
-            size=size,
+            size=frame_hw,
             fps=parse_rate(rate),
             record=record,
             limit=limit,

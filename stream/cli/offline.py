@@ -142,6 +142,14 @@ def train(
         Literal["demo", "default", "paper"],
         typer.Option(help="Training schedule (paper: CSAD's, for GPUs)."),
     ] = "default",
+    input_size: Annotated[
+        str,
+        typer.Option(
+            metavar="auto|PX|HxW",
+            help="Model input, multiples of 32 (auto: 256 px square, or the parts' aspect "
+            "from 1.5:1 on, at about as many pixels).",
+        ),
+    ] = "auto",
     target_frr: Annotated[float, typer.Option(metavar="RATE", help=TARGET_FRR_HELP)] = 0.01,
     normalisation: Annotated[Normalisation, typer.Option(help=NORMALISATION_HELP)] = "trimmed_z",
     fusion: Annotated[Fusion, typer.Option(help=FUSION_HELP)] = "max",
@@ -183,6 +191,7 @@ def train(
         profile=profile,
         device=device,
         preset=preset,
+        input_size=input_size,
         target_frr=target_frr,
         normalisation=normalisation,
         fusion=fusion,

@@ -87,8 +87,11 @@ EncodingOpt = Annotated[
     typer.Option(help=env_help("Image encoding on the bus.", "LINEGUARD_INGEST__ENCODING")),
 ]
 SizeOpt = Annotated[
-    int | None,
-    typer.Option(metavar="PX", help="Resize frames to PX×PX (default: the bundle's input size)."),
+    str | None,
+    typer.Option(
+        metavar="PX|HxW",
+        help="Resize frames to PX×PX or H×W (default: the bundle's input size).",
+    ),
 ]
 LimitOpt = Annotated[int | None, typer.Option(metavar="N", help="Send at most N frames.")]
 LoopOpt = Annotated[bool, typer.Option(help="Loop a folder, video or recording.")]

@@ -128,17 +128,23 @@ def _unit(values: np.ndarray) -> np.ndarray:
     return (v - lo) / (hi - lo)
 
 
+def _base(frame: np.ndarray | None, shape: tuple[int, ...], side: int) -> np.ndarray:
+    """The frame fitted into ``side``, or (frame trimmed from the stream) grey at the map's
+    own aspect, so a long part's map is not drawn into a square."""
+    if frame is not None:
+        return fit(frame, side)
+    mh, mw = shape[0], shape[1]
+    scale = side / max(mh, mw, 1)
+    return np.full((max(1, round(mh * scale)), max(1, round(mw * scale)), 3), 48, np.uint8)
+
+
 def heat_overlay(frame: np.ndarray | None, amap: np.ndarray, side: int) -> np.ndarray:
     """The anomaly map as a heat map over the frame: hot regions strong, cold ones clear.
 
     Without a frame (trimmed from the stream) the heat map is drawn on grey.
     """
-    if frame is None:
-        h = w = side
-        base = np.full((h, w, 3), 48, np.uint8)
-    else:
-        base = fit(frame, side)
-        h, w = base.shape[:2]
+    base = _base(frame, amap.shape[:2], side)
+    h, w = base.shape[:2]
     a = cv2.resize(_unit(amap), (w, h), interpolation=cv2.INTER_LINEAR)
     heat_bgr = cv2.applyColorMap((a * 255).astype(np.uint8), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
@@ -149,12 +155,8 @@ def heat_overlay(frame: np.ndarray | None, amap: np.ndarray, side: int) -> np.nd
 
 def seg_overlay(frame: np.ndarray | None, labels: np.ndarray, side: int) -> np.ndarray:
     """Component classes in fixed colours, half over the frame (background stays clear)."""
-    if frame is None:
-        h = w = side
-        base = np.full((h, w, 3), 48, np.uint8)
-    else:
-        base = fit(frame, side)
-        h, w = base.shape[:2]
+    base = _base(frame, labels.shape[:2], side)
+    h, w = base.shape[:2]
     lab = cv2.resize(labels.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
     colours = _PALETTE[lab % len(_PALETTE)]
     mask = (lab > 0)[..., None]

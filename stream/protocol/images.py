@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from lineguard.engines.codec import IMREAD_RGB, encode_pixels
+from lineguard.engines.input_size import resize_frame
 from lineguard.stream.protocol.errors import ProtocolError, clip
 
 if TYPE_CHECKING:
@@ -233,13 +234,10 @@ def encode_image(
         ) from None
 
 
-def resize_to(image: np.ndarray, size: int | None) -> np.ndarray:
-    """Resize the full frame to ``size``×``size`` (the model's own resize is not aspect-keeping
-    either, so the two agree); area interpolation when shrinking avoids aliasing."""
+def resize_to(image: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
+    """Resize the full frame to ``size`` = (height, width), or a square side (the model's own
+    resize is not aspect-keeping either, so the two agree); area interpolation when shrinking
+    avoids aliasing."""
     if size is None:
         return image
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
+    return resize_frame(image, (size, size) if isinstance(size, int) else size)

@@ -54,16 +54,19 @@ from lineguard.stream.tools.harness import (
 BENCH_CAMERA = "bench"
 
 
-def synthetic_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    """``n`` smooth RGB scenes: a blurred colour field with a few filled shapes on it."""
+def synthetic_images(n: int, size: int | tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+    """``n`` smooth RGB scenes (``size`` = (height, width) or a side): a blurred colour field
+    with a few filled shapes on it."""
     rng = np.random.default_rng(seed)
+    h, w = (size, size) if isinstance(size, int) else size
+    side = min(h, w)
     out = []
     for _ in range(n):
         field = rng.integers(40, 200, (8, 8, 3), dtype=np.uint8)
-        img = cv2.resize(field, (size, size), interpolation=cv2.INTER_CUBIC)
+        img = cv2.resize(field, (w, h), interpolation=cv2.INTER_CUBIC)
         for _ in range(4):
-            centre = (int(rng.integers(0, size)), int(rng.integers(0, size)))
-            radius = int(rng.integers(size // 16, size // 5))
+            centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+            radius = int(rng.integers(side // 16, side // 5))
             colour = tuple(int(c) for c in rng.integers(0, 256, 3))
             cv2.circle(img, centre, radius, colour, thickness=-1, lineType=cv2.LINE_AA)
         out.append(img)
@@ -174,7 +177,7 @@ def bench_e2e(
         "max_batch": cfg.infer.max_batch,
         "max_delay_ms": cfg.infer.max_delay_ms,
         "encoding": cfg.ingest.encoding,
-        "input_size": size,
+        "input_size": list(size),  # [height, width]
         "bundle": "synthetic efficientnet_lite0 lite (untrained)"
         if bundle is None
         else str(bundle),
@@ -291,7 +294,8 @@ def result_table(result: dict[str, Any]) -> Table:
         caption=(
             f"runtime {result['runtime']} on {result['device']}, max_batch {result['max_batch']}, "
             f"max_delay {result['max_delay_ms']} ms, mean batch {result['mean_batch']}, "
-            f"{result['encoding']} {result['input_size']} px, workers as {result['mode']}"
+            f"{result['encoding']} {'×'.join(map(str, result['input_size']))} px, "
+            f"workers as {result['mode']}"
             f"{_dashboard_note(result.get('dashboard'))}; "
             f"load avg {result['load_avg_before'][0]} → {result['load_avg_after'][0]}"
         ),

@@ -32,7 +32,7 @@ def replay(
     source_spec: str,
     *,
     rate: float | None = None,
-    size: int | None = None,
+    size: tuple[int, int] | None = None,
     bundle: str | Path | None = None,
     loop: bool = False,
     limit: int | None = None,

@@ -144,7 +144,7 @@ class Sample:
     sent: int
 
 
-def synthetic_folder(folder: Path, size: int, n: int = 32) -> Path:
+def synthetic_folder(folder: Path, size: int | tuple[int, int], n: int = 32) -> Path:
     """``n`` smooth synthetic scenes as PNG files (the ingest source, looped)."""
     from lineguard.stream.tools.bench_e2e import synthetic_images
 

@@ -52,7 +52,7 @@ def test_descriptor_width_follows_the_backbone(backbone: str) -> None:
 
 def test_model_scores_on_the_grid_and_shows_the_map_at_a_quarter() -> None:
     config = ModelConfig(input_size=64, class_names=("bg", "a"), patch_bank=16)
-    assert config.patch_descriptor == "mid" and config.patch_grid == 8
+    assert config.patch_descriptor == "mid" and config.patch_grid == (8, 8)
     torch.manual_seed(0)
     model = CSADModel(config, backbone_weights=None).eval()
     assert model.patch_knn is not None
@@ -68,14 +68,14 @@ def test_model_scores_on_the_grid_and_shows_the_map_at_a_quarter() -> None:
     k = config.branches.index("patch_knn")
     # PatchCore's image score: the largest patch distance on the descriptor grid
     torch.testing.assert_close(out.scores[:, k], knn.amax(dim=(1, 2, 3)))
-    torch.testing.assert_close(out.anomaly_map, lgst + to_map(knn, 16))
+    torch.testing.assert_close(out.anomaly_map, lgst + to_map(knn, (16, 16)))
 
 
 def test_a_manifest_without_the_field_keeps_the_old_descriptor() -> None:
     written = ModelConfig(input_size=64, patch_bank=8).to_json()
     del written["patch_descriptor"]  # what lineguard wrote before the descriptor was a choice
     old = ModelConfig.from_json(written)
-    assert old.patch_descriptor == "shallow" and old.patch_grid == 16
+    assert old.patch_descriptor == "shallow" and old.patch_grid == (16, 16)
     model = CSADModel(old, backbone_weights=None)
     assert model.patch_knn is not None and tuple(model.patch_knn.bank.shape) == (8, 64)
     with pytest.raises(ConfigError, match="patch_descriptor"):

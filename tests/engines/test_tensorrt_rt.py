@@ -275,7 +275,7 @@ def test_default_opt_is_the_largest_power_of_two_within_half_and_a_bucket() -> N
 
 def test_profile_choice_and_shapes() -> None:
     assert choose_profile(8, opt_batch=8) == BatchProfile(1, 8, 8)
-    assert choose_profile(8, opt_batch=3).shapes(64) == (
+    assert choose_profile(8, opt_batch=3).shapes((64, 64)) == (
         [1, 64, 64, 3],
         [3, 64, 64, 3],
         [8, 64, 64, 3],

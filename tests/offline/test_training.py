@@ -420,7 +420,7 @@ def test_refit_to_patchcores_descriptor_scores_alike_on_every_path(
     assert out.config.patch_descriptor == "mid"
     n_train = len(open_dataset(line).train)
     cap = bank_cap(out.config)
-    assert out.config.patch_bank == coreset_size(n_train * out.config.patch_grid**2, cap=cap)
+    assert out.config.patch_bank == coreset_size(n_train * out.config.patch_count, cap=cap)
     model = out.build_model()
     assert model.patch_knn is not None and model.patch_knn.bank.shape[1] == 152
     dataset = open_dataset(line)

@@ -132,7 +132,7 @@ def test_record_then_replay_the_recording(bus: Bus, tmp_path: Path) -> None:
 
 
 def test_bundle_input_size_and_read_image(tmp_path: Path) -> None:
-    assert bundle_input_size(split_bundle().path) == 64
+    assert bundle_input_size(split_bundle().path) == (64, 64)
     with pytest.raises(ConfigError, match="--size"):
         bundle_input_size(tmp_path)
     path = tmp_path / "x.png"
