@@ -15,12 +15,22 @@ synthetic tray line (never used for the reported numbers) the max raised image A
 0.946 to 0.952 (logical) and 0.913 to 0.927 (structural) with the same bundle. The threshold is
 chosen on good images at a target false-reject rate and stored with the statistics, so a
 verdict is reproducible from the bundle.
+
+Which branches are fused is a **recipe**, decided from good images only and stored with the
+calibration. ``assembly`` fuses every branch (CSAD: parts with components, where logical
+anomalies live). ``surface`` fuses the patch bank alone: a product without components (a tile,
+a sheet, a cell) has no layout to break, so the histogram and LGST branches, built for logical
+evidence, add only their noise to the bank's — on the magnetic tiles the fused score of all
+branches (0.850 image AUROC) was below the patch bank alone (0.886), which is PatchCore's
+recipe and what a user would otherwise pick for a surface. ``all`` fuses every branch whatever
+the product; a list of branch names fuses those. Branches left out stay in the outputs (and in
+``evaluate``'s per-branch table); only the verdict ignores them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +40,36 @@ from lineguard.engines.histogram import trimmed_stats
 
 METHODS = ("trimmed_z", "loo_max")
 COMBINES = ("max", "sum")
+RECIPES = ("auto", "assembly", "surface", "all")
+SURFACE_BRANCHES = ("patch_knn",)
+
+
+def recipe_exclusions(
+    recipe: str, branches: tuple[str, ...], has_components: bool
+) -> tuple[str, tuple[str, ...]]:
+    """(the recipe applied, the branches it leaves out of the fusion).
+
+    ``recipe`` is ``auto`` (``surface`` where the pseudo-labels found no component, else
+    ``assembly``), a named recipe, or a comma-separated list of the branches to fuse. A surface
+    without a patch bank keeps every branch: there is nothing better to fall back on.
+    """
+    if recipe == "auto":
+        recipe = "assembly" if has_components else "surface"
+    if recipe in ("assembly", "all"):
+        return recipe, ()
+    if recipe == "surface":
+        kept = [b for b in branches if b in SURFACE_BRANCHES]
+        if not kept:
+            return "assembly", ()
+        return recipe, tuple(b for b in branches if b not in kept)
+    wanted = [b.strip() for b in recipe.split(",") if b.strip()]
+    unknown = sorted(set(wanted) - set(branches))
+    if unknown or not wanted:
+        raise BundleError(
+            f"fusion recipe {recipe!r}: use one of {RECIPES} or branch names from {branches}"
+            + (f" (unknown: {unknown})" if unknown else "")
+        )
+    return ",".join(wanted), tuple(b for b in branches if b not in wanted)
 
 
 @dataclass(frozen=True)
@@ -49,6 +89,9 @@ class Calibration:
     # without components): their normalised score is a constant that carries no evidence but,
     # under max, floors every fused score at it. They stay in the outputs, out of the fusion.
     inert: tuple[str, ...] = ()
+    # The fusion recipe (module docstring) and the branches it leaves out of the fusion.
+    recipe: str = "all"
+    excluded: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         k = len(self.branches)
@@ -56,6 +99,12 @@ class Calibration:
         if unknown or len(set(self.inert)) >= max(k, 1):
             raise BundleError(
                 f"inert branches {self.inert} must be some, not all, of {self.branches}"
+            )
+        out = set(self.inert) | set(self.excluded)
+        if set(self.excluded) - set(self.branches) or len(out) >= max(k, 1):
+            raise BundleError(
+                f"the fusion leaves out {sorted(out)} of {self.branches}: at least one branch "
+                "must be fused"
             )
         if len(self.mu) != k or len(self.sigma) != k:
             raise BundleError(
@@ -112,14 +161,22 @@ class Calibration:
     def combined(self, contributions: np.ndarray) -> np.ndarray:
         """The fused score ``[B]`` from normalised per-branch scores ``[B, K]``."""
         c = np.asarray(contributions, dtype=np.float64)
-        if self.inert:
-            c = c[:, [k for k, b in enumerate(self.branches) if b not in self.inert]]
+        active = self.active
+        if len(active) < len(self.branches):
+            c = c[:, [k for k, b in enumerate(self.branches) if b in active]]
         return c.max(axis=1) if self.combine == "max" else c.sum(axis=1)
 
     @property
     def active(self) -> tuple[str, ...]:
         """The branches the fused score is made of."""
-        return tuple(b for b in self.branches if b not in self.inert)
+        return tuple(b for b in self.branches if b not in self.inert and b not in self.excluded)
+
+    def left_out(self) -> dict[str, str]:
+        """Each branch outside the fusion, with why."""
+        why = {b: "constant on good parts (inert)" for b in self.inert}
+        for b in self.excluded:
+            why.setdefault(b, f"not in the {self.recipe!r} fusion recipe")
+        return why
 
     def fuse(self, scores: np.ndarray) -> np.ndarray:
         """Raw branch scores ``[B, K]`` → fused scores ``[B]``; a part fails above threshold."""
@@ -137,6 +194,8 @@ class Calibration:
             "target_frr": self.target_frr,
             "n_images": self.n_images,
             "inert": list(self.inert),
+            "recipe": self.recipe,
+            "excluded": list(self.excluded),
             "extra": self.extra,
         }
 
@@ -155,6 +214,8 @@ class Calibration:
                 extra=dict(data.get("extra", {})),
                 combine=str(data.get("combine", "max")),
                 inert=tuple(str(b) for b in data.get("inert", ())),
+                recipe=str(data.get("recipe", "all")),
+                excluded=tuple(str(b) for b in data.get("excluded", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(
@@ -170,6 +231,8 @@ def fit_calibration(
     loo_max: np.ndarray | None = None,
     combine: str = "max",
     loo_offset: np.ndarray | None = None,
+    recipe: str = "all",
+    excluded: tuple[str, ...] = (),
 ) -> Calibration:
     """Normalisation from good validation scores ``[N, K]`` and the threshold at ``target_frr``.
 
@@ -196,13 +259,17 @@ def fit_calibration(
     else:
         raise ValueError(f"unknown method {method!r}; known: {METHODS}")
     inert = inert_branches(tuple(branches), s)
-    provisional = Calibration(tuple(branches), mu, sigma, 0.0, method, combine=combine, inert=inert)
+    if set(branches) <= set(inert) | set(excluded):
+        inert = tuple(b for b in inert if b in excluded)  # the recipe's own branches stay in
+    provisional = Calibration(
+        tuple(branches), mu, sigma, 0.0, method,
+        combine=combine, inert=inert, recipe=recipe, excluded=tuple(excluded),
+    )  # fmt: skip
     fused = provisional.fuse(s)
     threshold = float(np.quantile(fused, 1.0 - target_frr, method="higher"))
-    return Calibration(
-        tuple(branches), mu, sigma, threshold, method, target_frr, int(s.shape[0]),
-        combine=combine, inert=inert,
-    )  # fmt: skip
+    return replace(
+        provisional, threshold=threshold, target_frr=target_frr, n_images=int(s.shape[0])
+    )
 
 
 def inert_branches(branches: tuple[str, ...], val_scores: np.ndarray) -> tuple[str, ...]:

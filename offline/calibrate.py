@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from lineguard.engines.fusion import Calibration, fit_calibration
+from lineguard.engines.fusion import Calibration, fit_calibration, recipe_exclusions
 from lineguard.engines.histogram import class_histograms, fit_gaussian, trimmed_stats
 from lineguard.engines.knn import MAP_SCALE
 from lineguard.engines.model import CSADModel
@@ -141,8 +141,13 @@ def calibrate(
     method: str = "trimmed_z",
     combine: str = "max",
     bank_loo: dict[str, list[float]] | None = None,
+    recipe: str = "auto",
+    has_components: bool = True,
 ) -> tuple[Calibration, np.ndarray]:
-    """Fill the model's statistic buffers and return the fusion calibration and val scores."""
+    """Fill the model's statistic buffers and return the fusion calibration and val scores.
+
+    ``recipe`` chooses the fused branches (``engines.fusion.recipe_exclusions``);
+    ``has_components`` is what the pseudo-labels found, which ``auto`` decides by."""
     model.eval()
     fit_histogram_statistics(model, train_images, val_images)
     calibrate_map_quantiles(model, val_images)
@@ -151,6 +156,7 @@ def calibrate(
         fit_position_prior(model, val_images)
     val_scores = raw_scores(model, val_images)
     loo, offsets = leave_one_out_max(model, val_scores, bank_loo)
+    applied, excluded = recipe_exclusions(recipe, model.config.branches, has_components)
     calibration = fit_calibration(
         model.config.branches,
         val_scores,
@@ -159,9 +165,12 @@ def calibrate(
         loo_max=loo,
         combine=combine,
         loo_offset=offsets,
+        recipe=applied,
+        excluded=excluded,
     )
     extra = dict(
         calibration.extra,
+        components_found=has_components,
         loo_max=[float(v) for v in loo],
         loo_offset=[float(v) for v in offsets],
     )

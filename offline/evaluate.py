@@ -272,6 +272,8 @@ def evaluate_bundle(
     metrics["fusion"] = bundle.calibration.combine
     metrics["fused_branches"] = list(bundle.calibration.active)
     metrics["inert_branches"] = list(bundle.calibration.inert)
+    metrics["fusion_recipe"] = bundle.calibration.recipe
+    metrics["left_out"] = bundle.calibration.left_out()
     metrics["dataset"] = str(Path(data_dir).resolve())
     metrics["images"] = per_image(samples, raw, fused, bundle.branches)
     evaluation = Evaluation(metrics, samples, raw, fused)

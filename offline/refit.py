@@ -39,6 +39,7 @@ def refit_bundle(
     position_scale: bool | None = None,
     normalisation: str | None = None,
     fusion: str | None = None,
+    fusion_recipe: str | None = None,
     target_frr: float | None = None,
     max_train: int | None = None,
     progress: bool = False,
@@ -51,7 +52,9 @@ def refit_bundle(
     the data as ``lineguard train`` does (a share of all training patches, capped), and so does
     ``None`` when ``patch_descriptor`` changes the descriptor (the old size was chosen for
     another descriptor grid). The patch descriptors are always recomputed from the images
-    through the backbone, so a new descriptor needs no retraining.
+    through the backbone, so a new descriptor needs no retraining. ``fusion_recipe`` (``auto``,
+    ``assembly``, ``surface``, ``all`` or branch names) chooses the fused branches; ``None``
+    keeps the bundle's recipe, so a refit scores the way its source did.
     """
     source = load_bundle(bundle_dir)
     if Path(out).resolve() == source.path.resolve():
@@ -118,6 +121,13 @@ def refit_bundle(
         method=normalisation or previous.method,
         combine=fusion or previous.combine,
         bank_loo=info["loo"],
+        recipe=fusion_recipe or previous.recipe,
+        # a bundle from before recipes: train names the one class "foreground" on a surface
+        has_components=bool(
+            previous.extra.get(
+                "components_found", source.config.class_names != ("background", "foreground")
+            )
+        ),
     )
     if warning := calibration.thin_evidence():
         log(f"warning: {warning}")

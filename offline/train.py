@@ -224,6 +224,7 @@ def train_bundle(
     target_frr: float = 0.01,
     normalisation: str = "trimmed_z",
     fusion: str = "max",
+    fusion_recipe: str = "auto",
     labels_dir: Path | str | None = None,
     mask_generator: MaskGenerator | None = None,
     patch_bank: int | None = None,
@@ -469,6 +470,13 @@ def train_bundle(
         method=normalisation,
         combine=fusion,
         bank_loo=state.get("banks_info", {}).get("loo"),
+        recipe=fusion_recipe,
+        has_components=bool(labels.any()),
+    )
+    left_out = calibration.left_out()
+    note(
+        f"  fusion recipe {calibration.recipe}: fuses {', '.join(calibration.active)}"
+        + (f"; left out: {', '.join(left_out)}" if left_out else "")
     )
     extra = {
         "dataset": str(Path(data_dir).resolve()),

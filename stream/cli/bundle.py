@@ -31,14 +31,14 @@ def bundle_info(
     table.add_row("frame codec", f"{bundle.config.codec.spec} (what ingest sends by default)")
     table.add_row("classes", ", ".join(bundle.config.class_names))
     table.add_row("branches", ", ".join(bundle.branches))
+    left_out = cal.left_out()
     for name, mu, sigma in zip(cal.branches, cal.mu, cal.sigma, strict=True):
-        note = (
-            "  inert: constant on good parts, left out of the fusion" if name in cal.inert else ""
-        )
+        note = f"  left out: {left_out[name]}" if name in left_out else "  fused"
         table.add_row(f"  {name}", f"μ={mu:.4g} σ={sigma:.4g}{note}")
     table.add_row(
         "fusion",
-        f"{cal.method}, {cal.combine}, threshold {cal.threshold:.4g} (target FRR {cal.target_frr})",
+        f"{cal.method}, {cal.combine} of {', '.join(cal.active)} (recipe {cal.recipe}), "
+        f"threshold {cal.threshold:.4g} (target FRR {cal.target_frr})",
     )
     table.add_row("files", ", ".join(bundle.manifest["files"]))
     table.add_row("created", str(bundle.manifest.get("created")))

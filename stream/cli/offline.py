@@ -68,6 +68,10 @@ PATCH_SEARCH_HELP = (
 )
 NORMALISATION_HELP = "Branch score normalisation: trimmed_z (CSAD) or loo_max (PSAD)."
 FUSION_HELP = "Combine normalised branch scores: max or sum (CSAD)."
+FUSE_HELP = (
+    "Branches in the verdict: auto (surface if no components were found, else assembly), "
+    "assembly/all (every branch), surface (the patch bank), or names a,b."
+)
 TARGET_FRR_HELP = "False-reject rate on good parts that the threshold aims at."
 JpegQualityOpt = Annotated[
     int | None, typer.Option(metavar="Q", min=1, max=100, help="JPEG quality (1-100).")
@@ -153,6 +157,7 @@ def train(
     target_frr: Annotated[float, typer.Option(metavar="RATE", help=TARGET_FRR_HELP)] = 0.01,
     normalisation: Annotated[Normalisation, typer.Option(help=NORMALISATION_HELP)] = "trimmed_z",
     fusion: Annotated[Fusion, typer.Option(help=FUSION_HELP)] = "max",
+    fuse: Annotated[str, typer.Option(metavar="RECIPE", help=FUSE_HELP)] = "auto",
     labels: Annotated[
         Path | None,
         typer.Option(metavar="DIR", help="Few-shot mode: folder of <stem>.png label maps."),
@@ -195,6 +200,7 @@ def train(
         target_frr=target_frr,
         normalisation=normalisation,
         fusion=fusion,
+        fusion_recipe=fuse,
         labels_dir=labels,
         patch_bank=patch_bank,
         hist_bank=hist_bank,
@@ -265,9 +271,10 @@ def evaluate(
             *(fmt(block["branches"][b]) for b in branches),
         )
     console.print(table)
-    inert = f" (inert, left out: {', '.join(m['inert_branches'])})" if m["inert_branches"] else ""
+    out = "; ".join(f"{b}: {why}" for b, why in m["left_out"].items())
     console.print(
-        f"fused: {m['fusion']} of {', '.join(m['fused_branches'])}{inert}",
+        f"fused: {m['fusion']} of {', '.join(m['fused_branches'])} (recipe "
+        f"{m['fusion_recipe']})" + (f"; left out: {out}" if out else ""),
         highlight=False,
     )
     console.print(
@@ -307,6 +314,7 @@ def refit(
     position_scale: PositionScaleOpt = None,
     normalisation: Annotated[Normalisation | None, typer.Option(help=NORMALISATION_HELP)] = None,
     fusion: Annotated[Fusion | None, typer.Option(help=FUSION_HELP)] = None,
+    fuse: Annotated[str | None, typer.Option(metavar="RECIPE", help=FUSE_HELP)] = None,
     target_frr: Annotated[float | None, typer.Option(metavar="RATE", help=TARGET_FRR_HELP)] = None,
 ) -> None:
     """Refill the memory banks and recalibrate a trained bundle, without retraining (minutes).
@@ -342,6 +350,7 @@ def refit(
         position_scale=position_scale,
         normalisation=normalisation,
         fusion=fusion,
+        fusion_recipe=fuse,
         target_frr=target_frr,
         progress=True,
         log=lambda msg: err_console.print(msg, highlight=False),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lineguard.engines.errors import BundleError
-from lineguard.engines.fusion import Calibration, fit_calibration
+from lineguard.engines.fusion import Calibration, fit_calibration, recipe_exclusions
 from lineguard.engines.histogram import trimmed_stats
 
 
@@ -72,3 +72,50 @@ def test_a_branch_constant_on_good_parts_is_left_out_of_the_fusion() -> None:
     assert flat.inert == ()
     with pytest.raises(BundleError, match="inert"):
         Calibration(branches, (0.0,) * 3, (1.0,) * 3, 0.0, inert=("nope",))
+
+
+def test_fusion_recipes_choose_the_branches_from_what_the_product_is() -> None:
+    branches = ("patch_hist", "lgst", "patch_knn", "hist_knn")
+    # an assembly fuses every branch; a surface the patch bank alone (PatchCore's recipe)
+    assert recipe_exclusions("auto", branches, has_components=True) == ("assembly", ())
+    assert recipe_exclusions("auto", branches, has_components=False) == (
+        "surface",
+        ("patch_hist", "lgst", "hist_knn"),
+    )
+    assert recipe_exclusions("all", branches, has_components=False) == ("all", ())
+    # without a patch bank a surface has nothing better than all of its branches
+    assert recipe_exclusions("surface", ("patch_hist", "lgst"), False) == ("assembly", ())
+    assert recipe_exclusions("lgst, patch_knn", branches, True) == (
+        "lgst,patch_knn",
+        ("patch_hist", "hist_knn"),
+    )
+    with pytest.raises(BundleError, match="unknown"):
+        recipe_exclusions("lgst,nope", branches, True)
+
+
+def test_branches_left_out_by_the_recipe_do_not_move_the_verdict() -> None:
+    rng = np.random.default_rng(1)
+    branches = ("patch_hist", "lgst", "patch_knn")
+    val = rng.normal(1.0, 0.2, (200, 3))
+    cal = fit_calibration(
+        branches, val, target_frr=0.05, recipe="surface", excluded=("patch_hist", "lgst")
+    )
+    assert cal.active == ("patch_knn",)
+    test = np.array([[50.0, 50.0, 1.0], [1.0, 1.0, 3.0]])
+    z = cal.contributions(test)
+    np.testing.assert_allclose(cal.fuse(test), z[:, 2])
+    # the threshold is the target quantile of the fused branch alone
+    assert cal.threshold == pytest.approx(
+        np.quantile(cal.contributions(val)[:, 2], 0.95, method="higher")
+    )
+    assert cal.left_out() == {
+        "patch_hist": "not in the 'surface' fusion recipe",
+        "lgst": "not in the 'surface' fusion recipe",
+    }
+    again = Calibration.from_json(cal.to_json())
+    assert again.recipe == "surface" and again.active == cal.active
+    # a calibration written before recipes fuses all of its branches, as it did
+    old = {k: v for k, v in cal.to_json().items() if k not in ("recipe", "excluded")}
+    assert Calibration.from_json(old).active == branches
+    with pytest.raises(BundleError, match="at least one branch"):
+        Calibration(branches, (0.0,) * 3, (1.0,) * 3, 0.0, excluded=branches)

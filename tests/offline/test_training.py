@@ -337,6 +337,10 @@ def test_a_plain_surface_without_components_still_trains(tmp_path: Path) -> None
     )
     assert bundle.config.class_names == ("background", "foreground")
     assert any("Patch Histogram branch will be inert" in m for m in messages)
+    # a surface: the verdict is the patch bank's (PatchCore's recipe), the rest is shown only
+    assert bundle.calibration.recipe == "surface"
+    assert bundle.calibration.active == ("patch_knn",)
+    assert any("fusion recipe surface: fuses patch_knn" in m for m in messages)
     images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     with torch.inference_mode():
         out = bundle.build_model()(torch.from_numpy(images))
