@@ -6,8 +6,12 @@ drift a line really has, not become invariant to the defects we want them to not
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
+
+# A camera's own JPEG before the line's: qualities from a cheap industrial camera's to a good one
+CODEC_QUALITIES = (60, 95)
 
 
 def color_jitter(
@@ -26,6 +30,34 @@ def color_jitter(
     gray = x.mean(dim=3, keepdim=True)
     x = (x - gray) * factor() + gray
     return x.clamp(0, 255).round().to(torch.uint8)
+
+
+def codec_jitter(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    probability: float,
+    qualities: tuple[int, int] = CODEC_QUALITIES,
+) -> np.ndarray:
+    """An extra JPEG round trip, at a random quality, for each uint8 ``[N, H, W, 3]`` image
+    with ``probability``.
+
+    Training images have already been through the bundle's frame codec (what ingest sends);
+    a camera that itself only speaks JPEG compresses them once more before that, at a quality
+    the bundle never saw. Networks trained only on the one codec read those block artefacts
+    as texture, and good parts drift towards the threshold; a share of steps on doubly
+    compressed images teaches them that compression is not a defect.
+    """
+    if probability <= 0:
+        return images
+    out = images.copy()
+    for i in np.flatnonzero(rng.random(len(images)) < probability):
+        quality = int(rng.integers(qualities[0], qualities[1] + 1))
+        bgr = cv2.cvtColor(np.ascontiguousarray(images[i]), cv2.COLOR_RGB2BGR)
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else None
+        if decoded is not None:
+            out[i] = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    return out
 
 
 def procedural_images(n: int, size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from lineguard.engines.model import CSADModel
-from lineguard.offline.augment import color_jitter, procedural_images
+from lineguard.offline.augment import codec_jitter, color_jitter, procedural_images
 
 PENALTY_MODES = ("procedural", "folder", "off")
 # Up to this many bytes of teacher targets are kept for the unjittered steps: 2 GiB holds ~1000
@@ -51,6 +51,9 @@ class LGSTTrainConfig:
     penalty_dir: Path | None = None
     penalty_every: int = 2
     jitter_probability: float = 0.5
+    # of the jittered steps, the share whose images also get an extra JPEG (codec_jitter); on
+    # jittered steps only, so the cached teacher targets of the plain steps stay valid
+    codec_probability: float = 0.5
     seed: int = 0
 
 
@@ -163,10 +166,12 @@ def train_lgst(
     last: dict[str, float] = {}
     for step in range(config.steps):
         picked = rng.integers(0, len(images), config.batch_size)
-        batch = torch.from_numpy(images[picked])
         jittered = bool(torch.rand((), generator=generator) < config.jitter_probability)
         if jittered:
-            batch = color_jitter(batch, generator)
+            pixels = codec_jitter(images[picked], rng, config.codec_probability)
+            batch = color_jitter(torch.from_numpy(pixels), generator)
+        else:
+            batch = torch.from_numpy(images[picked])
         x = model.preprocess(batch.to(device))
         if targets is not None and not jittered:
             teacher = targets[torch.from_numpy(picked).to(targets.device)]

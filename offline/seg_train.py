@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from lineguard.engines.model import CSADModel
-from lineguard.offline.augment import color_jitter
+from lineguard.offline.augment import codec_jitter, color_jitter
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class SegTrainConfig:
     w_entropy: float = 1.0
     lsa_probability: float = 1.0
     lsa_max_copies: int = 2
+    codec_probability: float = 0.5  # images seen after an extra JPEG (augment.codec_jitter)
     seed: int = 0
 
 
@@ -136,12 +137,19 @@ def train_segmentation(
             else (images[i], labels[i])
             for i in pick
         ]
-        x_l = color_jitter(torch.from_numpy(np.stack([p[0] for p in pairs])), generator)
+        pixels = codec_jitter(np.stack([p[0] for p in pairs]), rng, config.codec_probability)
+        x_l = color_jitter(torch.from_numpy(pixels), generator)
         y_l = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
         use_unlabelled = step >= warmup and unl_idx.size > 0
         x = x_l
         if use_unlabelled:
-            x_u = torch.from_numpy(images[rng.choice(unl_idx, config.batch_unlabelled)])
+            x_u = torch.from_numpy(
+                codec_jitter(
+                    images[rng.choice(unl_idx, config.batch_unlabelled)],
+                    rng,
+                    config.codec_probability,
+                )
+            )
             x = torch.cat([x_l, color_jitter(x_u, generator)])
         xn = model.preprocess(x.to(device))
         y_l = y_l.to(device)
