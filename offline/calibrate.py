@@ -93,7 +93,9 @@ def fit_histogram_statistics(
 
 
 @torch.no_grad()
-def fit_position_prior(model: CSADModel, images: np.ndarray, batch: int = 16) -> None:
+def fit_position_prior(
+    model: CSADModel, images: np.ndarray, batch: int = 16
+) -> dict[str, torch.Tensor]:
     """Per-position mean of the normalised maps (and, with ``position_scale``, LGST's spread).
 
     Taken after the map quantiles, with the prior at zero, and blurred 5×5 so that a
@@ -101,35 +103,75 @@ def fit_position_prior(model: CSADModel, images: np.ndarray, batch: int = 16) ->
     median over positions, so a typical position keeps its scale and the map quantiles keep
     their meaning; it is floored at a quarter of that median so that a position where every
     good part happened to agree cannot turn small noise into a large score.
+
+    Returns every image's maps before the prior (``{"lgst": [N, 1, h, w], "knn": ...}``), from
+    which ``held_out_prior_scores`` scores each image against a prior it did not shape.
     """
-    from torch.nn import functional as F
 
     model.prior_lgst.zero_()
     model.prior_knn.zero_()
     if model.config.position_scale:
         model.prior_scale_lgst.fill_(1.0)
-    sums = {"lgst": torch.zeros_like(model.prior_lgst), "knn": torch.zeros_like(model.prior_knn)}
-    lgst_squares = torch.zeros_like(model.prior_lgst)
+    maps: dict[str, list[torch.Tensor]] = {"lgst": [], "knn": []}
     for i in range(0, len(images), batch):
         x = model.preprocess(torch.from_numpy(images[i : i + batch]))
         f = model.backbone(x)
-        lgst_map = model.lgst(x, f).float()
-        sums["lgst"] += lgst_map.sum(dim=0, keepdim=True)
-        lgst_squares += lgst_map.square().sum(dim=0, keepdim=True)
+        maps["lgst"].append(model.lgst(x, f).float())
         if model.patch_knn is not None:
-            knn_map = model.patch_knn(model.describe_patches(f))
-            sums["knn"] += knn_map.float().sum(dim=0, keepdim=True)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(t, 5, stride=1, padding=2, count_include_pad=False)
-
-    means = {name: total / len(images) for name, total in sums.items()}
-    for name, mean in means.items():
-        getattr(model, f"prior_{name}").copy_(blur(mean))
+            maps["knn"].append(model.patch_knn(model.describe_patches(f)).float())
+    stacked = {name: torch.cat(parts) for name, parts in maps.items() if parts}
+    lgst = stacked["lgst"]
+    model.prior_lgst.copy_(_blur(lgst.mean(dim=0, keepdim=True)))
+    if "knn" in stacked:
+        model.prior_knn.copy_(_blur(stacked["knn"].mean(dim=0, keepdim=True)))
     if model.config.position_scale:
-        variance = lgst_squares / len(images) - means["lgst"].square()
-        spread = blur(variance.clamp_min(0.0).sqrt())
-        model.prior_scale_lgst.copy_((spread / spread.median().clamp_min(1e-6)).clamp_min(0.25))
+        variance = lgst.square().mean(dim=0, keepdim=True) - lgst.mean(dim=0, keepdim=True) ** 2
+        model.prior_scale_lgst.copy_(_relative_spread(variance))
+    return stacked
+
+
+def _blur(t: torch.Tensor) -> torch.Tensor:
+    from torch.nn import functional as F
+
+    return F.avg_pool2d(t, 5, stride=1, padding=2, count_include_pad=False)
+
+
+def _relative_spread(variance: torch.Tensor) -> torch.Tensor:
+    """LGST's per-position spread over its median, floored at a quarter (``[B, 1, h, w]``)."""
+    spread = _blur(variance.clamp_min(0.0).sqrt())
+    median = spread.flatten(1).median(dim=1).values.clamp_min(1e-6).view(-1, 1, 1, 1)
+    return (spread / median).clamp_min(0.25)
+
+
+def held_out_prior_scores(model: CSADModel, maps: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Each validation image's ``lgst`` and ``patch_knn`` score under a position prior (and
+    spread) fitted on the other validation images only.
+
+    The prior is the mean map of the validation goods, the spread their deviation; scored
+    against statistics it helped make, an image that responded strongly somewhere has that
+    response partly subtracted (by 1/N of it) and, worse, divided by the spread it inflated
+    itself. Its score then reads lower than a test image's would, and a threshold set on such
+    scores rejects more good parts on the line than the target (the fewer the validation goods,
+    the more). Leaving the image out makes each score a held-out one, as a test image's is.
+    """
+    out: dict[str, np.ndarray] = {}
+    n = next(iter(maps.values())).shape[0]
+    if n < 2:
+        return out
+    config = model.config
+    for name, stack in maps.items():
+        scores = []
+        total, squares = stack.sum(dim=0, keepdim=True), stack.square().sum(dim=0, keepdim=True)
+        for i in range(0, n, 64):
+            own = stack[i : i + 64]
+            rest_mean = (total - own) / (n - 1)
+            adjusted = own - _blur(rest_mean)
+            if name == "lgst" and config.position_scale:
+                rest_var = (squares - own.square()) / (n - 1) - rest_mean.square()
+                adjusted = adjusted / _relative_spread(rest_var)
+            scores.append(adjusted.amax(dim=(1, 2, 3)))
+        out["lgst" if name == "lgst" else "patch_knn"] = torch.cat(scores).double().numpy()
+    return out
 
 
 def calibrate(
@@ -152,9 +194,14 @@ def calibrate(
     fit_histogram_statistics(model, train_images, val_images)
     calibrate_map_quantiles(model, val_images)
     calibrate_bank_quantiles(model, val_images)
+    held_out: dict[str, np.ndarray] = {}
     if model.config.position_prior:
-        fit_position_prior(model, val_images)
+        held_out = held_out_prior_scores(model, fit_position_prior(model, val_images))
     val_scores = raw_scores(model, val_images)
+    # the fusion statistics and the threshold see each image as the line will: held out
+    for name, column in held_out.items():
+        if name in model.config.branches and not (name == "patch_knn" and model.patch_knn is None):
+            val_scores[:, model.config.branches.index(name)] = column
     loo, offsets = leave_one_out_max(model, val_scores, bank_loo)
     applied, excluded = recipe_exclusions(recipe, model.config.branches, has_components)
     calibration = fit_calibration(

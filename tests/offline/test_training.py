@@ -515,6 +515,38 @@ def test_position_scale_evens_out_how_much_good_parts_vary() -> None:
         ModelConfig(position_scale=True)
 
 
+def test_validation_scores_are_held_out_from_the_prior_they_are_calibrated_with() -> None:
+    """Each validation image is scored against a prior and spread fitted on the other goods:
+    exactly what the model gives that image after fitting on the others alone."""
+    from lineguard.offline.calibrate import (
+        fit_position_prior,
+        held_out_prior_scores,
+        raw_scores,
+    )
+
+    config = ModelConfig(
+        input_size=64,
+        class_names=("bg", "a"),
+        patch_bank=16,
+        position_prior=True,
+        position_scale=True,
+    )
+    torch.manual_seed(0)
+    model = CSADModel(config, backbone_weights=None).eval()
+    model.patch_knn.set_bank(torch.randn(16, model.patch_knn.bank.shape[1]))
+    goods = np.random.default_rng(3).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    held = held_out_prior_scores(model, fit_position_prior(model, goods))
+    in_sample = raw_scores(model, goods)
+    lgst, knn = config.branches.index("lgst"), config.branches.index("patch_knn")
+    for i in (0, 4):
+        fit_position_prior(model, np.delete(goods, i, axis=0))
+        alone = raw_scores(model, goods[i : i + 1])[0]
+        assert held["lgst"][i] == pytest.approx(alone[lgst], rel=1e-4, abs=1e-5)
+        assert held["patch_knn"][i] == pytest.approx(alone[knn], rel=1e-4, abs=1e-5)
+    # scored against statistics it shaped itself, an image reads as more normal than it is
+    assert held["lgst"].mean() > in_sample[:, lgst].mean()
+
+
 def test_cached_teacher_targets_train_the_same_networks() -> None:
     """The cache only skips recomputing the frozen teacher: with and without it, the same seed
     must give the same student and autoencoder (jittered steps still compute theirs)."""
