@@ -58,11 +58,6 @@ _START_TIMEOUT_S = 30.0
 _WRITE_TIMEOUT_S = 5.0
 
 
-class _CameraNodes:
-    def __init__(self, nodes: dict[str, Any]) -> None:
-        self.nodes = nodes
-
-
 class OpcuaSink:
     """Runs an asyncua server on its own event loop thread; ``committed`` writes the nodes."""
 
@@ -79,7 +74,7 @@ class OpcuaSink:
         self._server: Any = None
         self._idx = 0
         self._root: Any = None
-        self._cameras: dict[str, _CameraNodes] = {}
+        self._cameras: dict[str, dict[str, Any]] = {}  # camera -> variable name -> node
 
     # the server's loop ---------------------------------------------------------------
 
@@ -102,14 +97,14 @@ class OpcuaSink:
             server.set_identity_tokens([ua.UserNameIdentityToken])
         self._idx = await server.register_namespace(self.cfg.namespace)
         self._root = await server.nodes.objects.add_object(
-            ua.NodeId(self.line, self._idx), ua.QualifiedName(self.line, self._idx)
+            f"ns={self._idx};s={self.line}", f"{self._idx}:{self.line}"
         )
         await server.start()
         self._server = server
         for camera in list(self.state)[:MAX_CAMERAS]:
             await self._write_camera(camera)
 
-    async def _camera_nodes(self, camera: str) -> _CameraNodes | None:
+    async def _camera_nodes(self, camera: str) -> dict[str, Any] | None:
         from asyncua import ua
 
         nodes = self._cameras.get(camera)
@@ -118,7 +113,7 @@ class OpcuaSink:
         if len(self._cameras) >= MAX_CAMERAS:
             return None
         idx, base = self._idx, f"{self.line}.{camera}"
-        obj = await self._root.add_object(ua.NodeId(base, idx), ua.QualifiedName(camera, idx))
+        obj = await self._root.add_object(f"ns={idx};s={base}", f"{idx}:{camera}")
         spec: list[tuple[str, Any, Any]] = [
             ("Verdict", "", ua.VariantType.String),
             ("FrameKey", "", ua.VariantType.String),
@@ -133,10 +128,10 @@ class OpcuaSink:
         made: dict[str, Any] = {}
         for name, value, vtype in spec:
             made[name] = await obj.add_variable(
-                ua.NodeId(f"{base}.{name}", idx), ua.QualifiedName(name, idx), value, vtype
+                f"ns={idx};s={base}.{name}", f"{idx}:{name}", value, vtype
             )
-        nodes = self._cameras[camera] = _CameraNodes(made)
-        return nodes
+        self._cameras[camera] = made
+        return made
 
     async def _write_camera(self, camera: str) -> None:
         from asyncua import ua
@@ -173,7 +168,7 @@ class OpcuaSink:
                 values.append(("CaptureTime", when, ua.VariantType.DateTime))
         for name, value, vtype in values:
             await self._server.write_attribute_value(
-                nodes.nodes[name].nodeid, ua.DataValue(ua.Variant(value, vtype))
+                nodes[name].nodeid, ua.DataValue(ua.Variant(value, vtype))
             )
 
     async def _write_cameras(self, cameras: list[str]) -> None:
