@@ -335,3 +335,22 @@ class SinkStage:
         self.counts["dead"] += 1
         self.metrics.dead_lettered.labels(self.name, reason).inc()
         self.bus.dead_letter("events", self.group, entry_id, fields, reason, detail=detail)
+
+
+def sink_queues(bus: Bus) -> dict[str, dict[str, Any]]:
+    """Every sink group on the events stream with its lag, whether or not its worker runs:
+    a sink that is down still shows how far behind it is (``lineguard health``)."""
+    try:
+        groups = bus.client.xinfo_groups(bus.key("events"))
+    except redis.ResponseError:  # no events stream yet
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        raw = g.get("name")
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if not name.startswith("sink:"):
+            continue
+        st = bus.group_stats("events", name)
+        if st is not None:
+            out[name] = {"lag": st.lag, "pending": st.pending, "consumers": st.consumers}
+    return out

@@ -4,20 +4,38 @@ and a Mosquitto broker of the test's own when one is needed."""
 from __future__ import annotations
 
 import contextlib
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from lineguard.stream.bus import Bus
 from lineguard.stream.protocol import Event
 from lineguard.stream.settings import Settings
 from lineguard.stream.sinks import SinkStage
+from lineguard.stream.tools.receivers import (
+    HttpReceiver,
+    Mosquitto,
+    MqttRecorder,
+    first_seen_in_order,
+    free_port,
+    port_open,
+)
 from lineguard.stream.worker import run_worker
+
+__all__ = [
+    "HttpReceiver",
+    "Mosquitto",
+    "MqttRecorder",
+    "first_seen_in_order",
+    "free_port",
+    "make_event",
+    "port_open",
+    "produce",
+    "running",
+    "sink_settings",
+    "wait_until",
+]
 
 VERDICT_CYCLE = ("pass", "pass", "fail", "uninspected", "pass", "error")
 
@@ -89,65 +107,3 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def first_seen_in_order(keys: list[str]) -> dict[str, list[int]]:
-    """Per camera, the seqs in the order they first arrived (duplicates dropped)."""
-    seen: set[str] = set()
-    out: dict[str, list[int]] = {}
-    for key in keys:
-        if key in seen:
-            continue
-        seen.add(key)
-        _line, cam, seq = key.split("/")
-        out.setdefault(cam, []).append(int(seq))
-    return out
-
-
-class Mosquitto:
-    """A broker of our own on ``port`` (persistent sessions, so a restart keeps what a
-    durable subscriber has not read yet); ``stop``/``start`` make an outage."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
-            None,
-        )
-        self.port = port or free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def available(self) -> bool:
-        return self.binary is not None
-
-    def start(self) -> None:
-        assert self.binary is not None
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {self.workdir}/\nmax_queued_messages 100000\n"
-            f"log_dest file {self.workdir}/mosquitto.log\n"
-        )
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf)])
-        wait_until(lambda: port_open("127.0.0.1", self.port), 10, "mosquitto to listen")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None

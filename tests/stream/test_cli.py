@@ -60,6 +60,7 @@ def test_the_tree_has_every_command() -> None:
     expected |= {"demo", "synth", "train", "evaluate", "refit", "fewshot-curve"}
     expected |= {"bench model", "bench knn", "bench e2e", "bench soak", "bench chaos"}
     expected |= {"bundle info"}
+    expected |= {"sink mqtt", "sink opcua", "sink webhook", "bench sinks"}
     assert expected <= names, expected - names
     assert all(len(c) <= 2 for c in COMMANDS)
 

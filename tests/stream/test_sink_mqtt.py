@@ -3,12 +3,9 @@ answers, else one started here; the outage test always starts its own (it stops 
 
 from __future__ import annotations
 
-import json
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,6 +13,7 @@ from lineguard.stream.bus import Bus
 from lineguard.stream.sinks import sink_group, sink_stage
 from tests.stream.sink_helpers import (
     Mosquitto,
+    MqttRecorder,
     first_seen_in_order,
     port_open,
     produce,
@@ -42,42 +40,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
         own.stop()
 
 
-class Subscriber:
-    """A real MQTT client that records what arrives on ``topic`` (a durable session when
-    ``client_id`` is given, so messages published while it is away are kept for it)."""
-
-    def __init__(self, host: str, port: int, topic: str, client_id: str | None = None) -> None:
-        self.messages: list[tuple[str, dict[str, Any], bool]] = []
-        self.lock = threading.Lock()
-        self.subscribed = threading.Event()
-        durable = client_id is not None
-        self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
-            clean_session=not durable,
-        )
-        self.topic = topic
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(1, 1)
-        self.client.connect(host, port)
-        self.client.loop_start()
-        assert self.subscribed.wait(10), "subscription not acknowledged"
-
-    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        with self.lock:
-            self.messages.append((msg.topic, json.loads(msg.payload), bool(msg.retain)))
-
-    def keys(self) -> list[str]:
-        with self.lock:
-            return [p["frame_key"] for _, p, _ in self.messages]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def test_one_qos1_message_per_verdict_on_its_camera_topic(
     bus: Bus, broker: tuple[str, int]
 ) -> None:
@@ -92,7 +54,7 @@ def test_one_qos1_message_per_verdict_on_its_camera_topic(
             "sinks.mqtt.start": "all",
         },
     )
-    sub = Subscriber(host, port, root + "/#")
+    sub = MqttRecorder(host, port, root + "/#")
     try:
         events = produce(bus, ("cam0", "cam1"), range(12))
         stage = sink_stage("mqtt", settings, bus)
@@ -135,7 +97,7 @@ def test_retained_last_verdict_per_camera(bus: Bus, broker: tuple[str, int]) -> 
     stage = sink_stage("mqtt", settings, bus)
     with running(stage, bus):
         wait_until(stage.done, 20, "every verdict acknowledged")
-    late = Subscriber(host, port, root + "/#")  # connects after everything was sent
+    late = MqttRecorder(host, port, root + "/#")  # connects after everything was sent
     try:
         wait_until(lambda: len(late.keys()) >= 2, 10, "the retained messages")
         with late.lock:
@@ -169,7 +131,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(bus: Bus, tmp_path: Path) -
             "sinks.mqtt.queue_size": 16,
         },
     )
-    sub = Subscriber(
+    sub = MqttRecorder(
         "127.0.0.1", own.port, root + "/#", client_id=f"durable-{uuid.uuid4().hex[:6]}"
     )
     stage = sink_stage("mqtt", settings, bus)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -17,6 +15,7 @@ from lineguard.engines.errors import ConfigError
 from lineguard.stream.bus import Bus
 from lineguard.stream.sinks import sink_group, sink_stage
 from tests.stream.sink_helpers import (
+    HttpReceiver,
     first_seen_in_order,
     free_port,
     produce,
@@ -28,56 +27,12 @@ from tests.stream.sink_helpers import (
 SECRET = "webhook-secret-for-tests-0123456789"
 
 
-class Receiver:
-    """An HTTP server that records each POST; ``answer(n, body)`` picks the status of the
-    n-th request (from 0), so tests can make it fail first and then recover."""
-
-    def __init__(self, port: int, answer: Callable[[int, dict[str, Any]], int]) -> None:
-        self.port = port
-        self.answer = answer
-        self.requests: list[tuple[int, dict[str, str], bytes]] = []
-        self.lock = threading.Lock()
-        self.server: ThreadingHTTPServer | None = None
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with outer.lock:
-                    n = len(outer.requests)
-                    status = outer.answer(n, json.loads(body))
-                    outer.requests.append((status, dict(self.headers), body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-    def delivered_keys(self) -> list[str]:
-        with self.lock:
-            return [json.loads(b)["frame_key"] for s, _, b in self.requests if 200 <= s < 300]
-
-
 @pytest.fixture
-def receiver() -> Iterator[Callable[..., Receiver]]:
-    made: list[Receiver] = []
+def receiver() -> Iterator[Callable[..., HttpReceiver]]:
+    made: list[HttpReceiver] = []
 
-    def make(answer: Callable[[int, dict[str, Any]], int] = lambda n, p: 200) -> Receiver:
-        r = Receiver(free_port(), answer)
+    def make(answer: Callable[[int, dict[str, Any]], int] = lambda n, p: 200) -> HttpReceiver:
+        r = HttpReceiver(free_port(), answer)
         made.append(r)
         return r
 
