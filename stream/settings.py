@@ -348,7 +348,7 @@ class SinkBaseSettings(_Section):
     )
     block_ms: int = Field(default=1000, ge=1)
     retry_base_s: float = Field(default=0.5, gt=0, le=600, description="first retry delay")
-    retry_cap_s: float = Field(default=30.0, gt=0, le=3600, description="longest retry delay")
+    retry_cap_s: float = Field(default=5.0, gt=0, le=3600, description="longest retry delay")
     reclaim_idle_ms: int = Field(default=60_000, ge=1)
     start: Literal["new", "all"] = Field(
         default="new",

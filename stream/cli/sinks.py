@@ -21,8 +21,7 @@ app = typer.Typer(
 NameOpt = Annotated[
     str | None,
     typer.Option(
-        metavar="NAME",
-        help=env_help("Sink name; group sink:KIND:NAME.", "LINEGUARD_SINKS__<KIND>__NAME"),
+        metavar="NAME", help="Sink name: its consumer group is sink:KIND:NAME (default 'default')."
     ),
 ]
 StartOpt = Annotated[

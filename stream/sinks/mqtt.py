@@ -50,6 +50,7 @@ class MqttSink:
         self._connected = False
         self._reconnected = False
         self._refusal: str | None = None
+        self._closing = False
 
     # paho callbacks (network thread) -------------------------------------------------
 
@@ -69,7 +70,7 @@ class MqttSink:
         with self._cond:
             was = self._connected
             self._connected = False
-        if was:
+        if was and not self._closing:
             log.warning("sink.mqtt_disconnected", broker=self.where, reason=str(reason))
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
@@ -184,6 +185,7 @@ class MqttSink:
         client = self._client
         if client is None:
             return
+        self._closing = True
         try:
             client.disconnect()
         finally:

@@ -120,3 +120,17 @@ def test_sink_metrics_count_deliveries_and_errors(bus: Bus) -> None:
     assert m.sink_errors.labels("webhook:metrics")._value.get() - before_err == 2
     assert m.sink_lag.labels("webhook:metrics")._value.get() == 0
     assert m.sink_up.labels("webhook:metrics")._value.get() == 1
+
+
+def test_bench_sinks_reports_throughput_and_a_lossless_outage(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "sinks", "--sinks", "webhook", "--events", "40", "--outage", "1"]
+    result = CliRunner().invoke(app, [*args, "--rate", "40", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    tp = data["throughput"]["webhook"]
+    assert tp["verdicts"] == 40 and tp["arrived"] == 40 and tp["verdicts_per_s"] > 0
+    o = data["outage"]["webhook"]
+    assert o["lag_at_recovery"] > 0 and o["catch_up_s"] is not None
+    assert o["missing"] == 0 and o["order_kept"] is True
+    assert o["delivered"] == data["outage"]["produced"]
