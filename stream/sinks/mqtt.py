@@ -26,7 +26,7 @@ import structlog
 
 from lineguard.stream.bus import Bus
 from lineguard.stream.settings import MqttSinkSettings
-from lineguard.stream.sinks.stage import Delivery, Outcome
+from lineguard.stream.sinks.stage import Delivery, Outcome, ack_plain
 
 log = structlog.get_logger("lineguard.sinks.mqtt")
 
@@ -163,8 +163,8 @@ class MqttSink:
                 self._acked.discard(self._mids.pop(item.entry_id))
         return n
 
-    def commit(self, pipe: Any, items: list[Delivery]) -> None:
-        return None
+    def acknowledge(self, bus: Bus, group: str, items: list[Delivery]) -> None:
+        ack_plain(bus, group, items)
 
     def committed(self, items: list[Delivery]) -> None:
         return None

@@ -17,9 +17,10 @@ PassCount …         UInt64    PassCount, FailCount, UninspectedCount, ErrorCou
                               TotalCount: verdicts since the sink group was created
 ==================  ========  ===================================================
 
-The counters and the last verdict are kept in Redis beside the stream acknowledgement, in
-one MULTI, so they count each event exactly once across restarts and crashes, and a
-restarted server shows the same values at once. Nodes are read-only for clients.
+The counters and the last verdict are kept in Redis and updated by the same script that
+acknowledges the stream entry, only when that acknowledgement took effect, so they count
+each event exactly once across restarts, crashes and retried calls, and a restarted server
+shows the same values at once. Nodes are read-only for clients.
 
 Binding follows ``lineguard.stream.binding``: 127.0.0.1 by default; any other address needs
 ``LINEGUARD_SINKS__OPCUA__USERNAME``/``PASSWORD``, and with a password set anonymous
@@ -55,6 +56,18 @@ T = TypeVar("T")
 MAX_CAMERAS = 1024  # forged camera names in the stream must not grow the address space forever
 COUNTERS = {v: f"{v.capitalize()}Count" for v in VERDICTS}
 _START_TIMEOUT_S = 30.0
+
+# KEYS: events stream, state hash; ARGV: group, then (entry id, camera, verdict, payload)...
+_ACK_AND_COUNT = """
+local group = ARGV[1]
+for i = 2, #ARGV, 4 do
+  if redis.call('XACK', KEYS[1], group, ARGV[i]) == 1 then
+    redis.call('HINCRBY', KEYS[2], ARGV[i + 1] .. '|' .. ARGV[i + 2], 1)
+    redis.call('HSET', KEYS[2], ARGV[i + 1] .. '|last', ARGV[i + 3])
+  end
+end
+return 1
+"""
 _WRITE_TIMEOUT_S = 5.0
 
 
@@ -69,6 +82,7 @@ class OpcuaSink:
         self.endpoint = f"opc.tcp://{cfg.host}:{cfg.port}/{cfg.path}"
         self.state: dict[str, dict[str, Any]] = {}  # camera -> counters and last payload
         self.state_key = ""
+        self._script: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -177,8 +191,13 @@ class OpcuaSink:
 
     # Sink ------------------------------------------------------------------------
 
-    def open(self, bus: Bus, group: str) -> None:
+    def bind(self, bus: Bus, group: str) -> None:
+        """Where this sink's state lives, and the script that moves it (no server yet)."""
         self.state_key = line_key(bus, "sinkstate", group)
+        self._script = bus.client.register_script(_ACK_AND_COUNT)
+
+    def open(self, bus: Bus, group: str) -> None:
+        self.bind(bus, group)
         self._load(bus)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="opcua", daemon=True)
@@ -221,17 +240,14 @@ class OpcuaSink:
             return Outcome(0, error=f"the OPC UA server at {self.endpoint} is not running")
         return Outcome(len(items))
 
-    def commit(self, pipe: Any, items: list[Delivery]) -> None:
-        counts: dict[tuple[str, str], int] = {}
-        last: dict[str, Delivery] = {}
+    def acknowledge(self, bus: Bus, group: str, items: list[Delivery]) -> None:
+        """XACK each item and count it in the same script, only if that XACK acknowledged
+        it: a retried call (a reply lost with the connection) counts nothing twice."""
+        args: list[Any] = [group]
         for item in items:
             ev = item.event
-            counts[(ev.camera, ev.verdict)] = counts.get((ev.camera, ev.verdict), 0) + 1
-            last[ev.camera] = item
-        for (camera, verdict), n in counts.items():
-            pipe.hincrby(self.state_key, f"{camera}|{verdict}", n)
-        for camera, item in last.items():
-            pipe.hset(self.state_key, f"{camera}|last", item.body)
+            args += [item.entry_id, ev.camera, ev.verdict, item.body]
+        self._script(keys=[bus.key("events"), self.state_key], args=args)
 
     def committed(self, items: list[Delivery]) -> None:
         touched: list[str] = []

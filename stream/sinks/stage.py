@@ -83,8 +83,9 @@ class Sink(Protocol):
 
     def deliver(self, items: list[Delivery]) -> Outcome: ...
 
-    def commit(self, pipe: Any, items: list[Delivery]) -> None:
-        """Add writes to the MULTI that acknowledges ``items`` (state kept beside the ack)."""
+    def acknowledge(self, bus: Bus, group: str, items: list[Delivery]) -> None:
+        """XACK ``items`` (``ack_plain``), with any state that must move with the
+        acknowledgement written in the same server-side step."""
         ...
 
     def committed(self, items: list[Delivery]) -> None:
@@ -120,6 +121,11 @@ class _Backoff:
     def ok(self) -> None:
         self.failures = 0
         self.retry_at = 0.0
+
+
+def ack_plain(bus: Bus, group: str, items: list[Delivery]) -> None:
+    """Acknowledge delivered items on the events stream (what most sinks need)."""
+    bus.ack("events", group, [d.entry_id for d in items])
 
 
 def sink_group(kind: str, name: str) -> str:
@@ -320,10 +326,7 @@ class SinkStage:
         )
 
     def _acknowledge(self, items: list[Delivery]) -> None:
-        pipe = self.bus.client.pipeline(transaction=True)
-        pipe.xack(self.bus.key("events"), self.group, *[d.entry_id for d in items])
-        self.sink.commit(pipe, items)
-        pipe.execute()
+        self.sink.acknowledge(self.bus, self.group, items)
         self.sink.committed(items)
         self.counts["delivered"] += len(items)
         self.metrics.sink_delivered.labels(self.label).inc(len(items))

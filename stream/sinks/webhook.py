@@ -33,7 +33,7 @@ from lineguard.engines.errors import ConfigError
 from lineguard.stream.bus import Bus
 from lineguard.stream.settings import WebhookSinkSettings, redacted_url
 from lineguard.stream.sinks.payload import PAYLOAD_SCHEMA
-from lineguard.stream.sinks.stage import Delivery, Outcome
+from lineguard.stream.sinks.stage import Delivery, Outcome, ack_plain
 
 log = structlog.get_logger("lineguard.sinks.webhook")
 
@@ -137,8 +137,8 @@ class WebhookSink:
             return Outcome(i, refused=f"POST {self.shown} answered HTTP {status}")
         return Outcome(len(items))
 
-    def commit(self, pipe: Any, items: list[Delivery]) -> None:
-        return None
+    def acknowledge(self, bus: Bus, group: str, items: list[Delivery]) -> None:
+        ack_plain(bus, group, items)
 
     def committed(self, items: list[Delivery]) -> None:
         return None

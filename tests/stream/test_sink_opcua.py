@@ -106,3 +106,31 @@ def test_password_refuses_anonymous_and_non_loopback_needs_one(bus: Bus) -> None
             read_cameras(url, ("cam0",))
         with pytest.raises(Exception):  # noqa: B017
             read_cameras(url, ("cam0",), "plc", "wrong-password")
+
+
+def test_a_repeated_acknowledgement_counts_nothing_twice(bus: Bus) -> None:
+    """What a retried call after a lost reply does: the counters move only with an
+    acknowledgement that took effect."""
+    from lineguard.stream.protocol import decode_event
+    from lineguard.stream.sinks import Delivery, encode_payload, verdict_payload
+    from lineguard.stream.sinks.opcua import OpcuaSink
+
+    settings = opcua_settings(bus, free_port())
+    events = produce(bus, ("cam0",), range(4))
+    group = "sink:opcua:default"
+    bus.ensure_group("events", group)
+    entries = bus.read_group("events", group, "c", count=10)
+    items = []
+    for e in entries:
+        ev = decode_event(e.data, bus.limits)
+        payload = verdict_payload(ev, e.id)
+        items.append(Delivery(e.id, ev, payload, encode_payload(payload)))
+    sink = OpcuaSink(settings.sinks.opcua, "line1")
+    sink.bind(bus, group)  # its state and script, without starting a server
+    sink.acknowledge(bus, group, items)
+    sink.acknowledge(bus, group, items)
+    state = {k.decode(): v for k, v in bus.client.hgetall(sink.state_key).items()}
+    counted = sum(int(v) for k, v in state.items() if not k.endswith("|last"))
+    assert counted == len(events) == 4
+    assert state["cam0|pass"] == str(sum(e.verdict == "pass" for e in events)).encode()
+    assert bus.group_stats("events", group).pending == 0

@@ -14,6 +14,7 @@ from lineguard.stream.bus import Bus
 from lineguard.stream.protocol import ENTRY_FIELD
 from lineguard.stream.sinks import PAYLOAD_SCHEMA, Delivery, Outcome, SinkStage, sink_group
 from lineguard.stream.sinks.payload import verdict_payload
+from lineguard.stream.sinks.stage import ack_plain
 from tests.stream.sink_helpers import make_event, produce, running, sink_settings, wait_until
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -40,8 +41,8 @@ class Collecting:
         self.got.extend(json.loads(d.body) for d in items)
         return Outcome(len(items))
 
-    def commit(self, pipe: Any, items: list[Delivery]) -> None:
-        return None
+    def acknowledge(self, bus: Bus, group: str, items: list[Delivery]) -> None:
+        ack_plain(bus, group, items)
 
     def committed(self, items: list[Delivery]) -> None:
         return None
