@@ -9,10 +9,11 @@ an HTTP receiver on loopback, the sink's own OPC UA server):
 2. **Outage**: the sinks run side by side on one stream while verdicts arrive at ``rate``/s.
    Then the broker and the HTTP receiver are stopped, and the OPC UA sink itself (its
    receiver is the PLC reading it; what can be down is the sink's process), for
-   ``outage_s``. The lag each sink has when they come back, and how long it takes to reach
-   zero, are measured; the producer stops at that moment so catch-up has an end. Then every
-   receiver's log is checked: every verdict there (after deduplication on the frame key), in
-   capture order per camera, and how many copies it received.
+   ``outage_s``. Measured from the moment they are back: the lag each sink has, how long
+   until its first delivery (reconnecting, the retry delay, the OPC UA server starting) and
+   until its lag is zero; the producer stops at that moment so catch-up has an end. Then
+   every receiver's log is checked: every verdict there (after deduplication on the frame
+   key), in capture order per camera, and how many copies it received.
 """
 
 from __future__ import annotations
@@ -291,6 +292,7 @@ def _outage(
             workers["opcua"].stop()
         time.sleep(outage_s)
         lags = {k: _lag(bus, sink_group(k, "bench")) for k in kinds}
+        before = {k: workers[k].stage.counts["delivered"] for k in kinds if k != "opcua"}
         t_back = time.monotonic()
         stop_producing.set()
         thread.join(10)
@@ -305,11 +307,15 @@ def _outage(
             workers["opcua"].start()
         say("outage over: catching up")
         caught: dict[str, float] = {}
+        first: dict[str, float] = {}  # back → first delivery: reconnect and retry delay
         deadline = t_back + max(120.0, produced[0] / 20)
         while len(caught) < len(kinds) and time.monotonic() < deadline:
             for k in kinds:
+                now = time.monotonic() - t_back
+                if k not in first and workers[k].stage.counts["delivered"] > before.get(k, 0):
+                    first[k] = now
                 if k not in caught and workers[k].stage.done():
-                    caught[k] = time.monotonic() - t_back
+                    caught[k] = now
             time.sleep(0.02)
         total = produced[0]
         for k in kinds:
@@ -322,6 +328,7 @@ def _outage(
             entry: dict[str, Any] = {
                 "lag_at_recovery": lags[k],
                 "catch_up_s": None if k not in caught else round(caught[k], 2),
+                "first_delivery_s": None if k not in first else round(first[k], 2),
                 "delivered": None,
                 "missing": None,
                 "duplicates": None,
@@ -357,8 +364,8 @@ def _outage(
 
 def result_table(result: dict[str, Any]) -> Table:
     table = Table(title=f"lineguard bench sinks ({result['cameras']} cameras)")
-    for col in ("sink", "verdicts/s", "backlog", "outage s", "lag after", "catch-up s",
-                "missing", "copies", "order"):  # fmt: skip
+    for col in ("sink", "verdicts/s", "backlog", "outage s", "lag after", "first s",
+                "catch-up s", "missing", "copies", "order"):  # fmt: skip
         table.add_column(col, justify="right")
     outage = result.get("outage") or {}
     for kind, tp in result["throughput"].items():
@@ -375,6 +382,7 @@ def result_table(result: dict[str, Any]) -> Table:
             str(tp["verdicts"]),
             f"{result['outage_s']:g}" if o else "-",
             cell("lag_at_recovery"),
+            cell("first_delivery_s"),
             cell("catch_up_s"),
             cell("missing"),
             cell("duplicates"),

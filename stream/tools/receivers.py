@@ -127,10 +127,11 @@ class Mosquitto:
     """A broker of our own on 127.0.0.1:``port`` with persistent sessions, so a restart keeps
     what a durable subscriber has not read yet; ``stop``/``start`` make an outage."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, extra: str = "") -> None:
         self.binary = mosquitto_binary()
         self.port = port or free_port()
         self.workdir = workdir
+        self.extra = extra  # more configuration lines (TLS files, a password file)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -142,7 +143,9 @@ class Mosquitto:
             raise FileNotFoundError("no mosquitto binary (apt-get install mosquitto)")
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"listener {self.port} 127.0.0.1\n{self.extra}\n"
+            f"allow_anonymous {'false' if 'password_file' in self.extra else 'true'}\n"
+            "persistence true\n"
             f"persistence_location {self.workdir}/\nmax_queued_messages 1000000\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
             # run as whoever started it: as root, mosquitto would switch to its own user,

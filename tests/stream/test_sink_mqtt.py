@@ -157,3 +157,99 @@ def test_broker_outage_loses_nothing_and_keeps_order(bus: Bus, tmp_path: Path) -
     for cam, seqs in order.items():
         assert seqs == list(range(80)), (cam, seqs)
     assert stage.counts["dead"] == 0 and stage.counts["refused"] == 0
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("lineguard test CA")).issuer_name(
+            name("lineguard test CA")).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    )
+    cert = (
+        x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(san, critical=False).sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    ca_file, cert_file, key_file = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_file, cert_file, key_file
+
+
+def test_tls_and_password_and_the_password_is_never_logged(bus: Bus, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    import structlog
+
+    passwd_tool = shutil.which("mosquitto_passwd")
+    broker = Mosquitto(tmp_path)
+    if not broker.available or passwd_tool is None:
+        pytest.skip("needs the mosquitto and mosquitto_passwd binaries (apt-get install mosquitto)")
+    pytest.importorskip("cryptography")
+    ca_file, cert_file, key_file = _tls_files(tmp_path)
+    password = "mqtt-pass-never-logged-42"
+    passwd = tmp_path / "passwd"
+    subprocess.run([passwd_tool, "-b", "-c", str(passwd), "line", password], check=True)
+    passwd.chmod(0o600)
+    broker.extra = (
+        f"cafile {ca_file}\ncertfile {cert_file}\nkeyfile {key_file}\npassword_file {passwd}"
+    )
+    broker.start()
+    try:
+        base = {
+            "sinks.mqtt.port": broker.port,
+            "sinks.mqtt.tls": True,
+            "sinks.mqtt.ca_file": str(ca_file),
+            "sinks.mqtt.username": "line",
+            "sinks.mqtt.start": "all",
+        }
+        events = produce(bus, ("cam0",), range(5))
+        good = sink_settings(bus, **base, **{"sinks.mqtt.password": password})
+        stage = sink_stage("mqtt", good, bus)
+        with structlog.testing.capture_logs() as logs, running(stage, bus):
+            wait_until(stage.done, 20, "delivery over TLS with a password")
+        assert stage.counts["delivered"] == len(events)
+        # a wrong password: the broker refuses, nothing is acknowledged, the lag shows it
+        produce(bus, ("cam0",), range(5, 8))
+        bad = sink_settings(bus, **base, **{"sinks.mqtt.password": "wrong-password"})
+        stage = sink_stage("mqtt", bad, bus)
+        with structlog.testing.capture_logs() as bad_logs, running(stage, bus):
+            wait_until(lambda: stage.counts["errors"] > 0, 10, "failed attempts")
+            assert stage.counts["delivered"] == 0 and stage.lag() == 3
+            assert not stage.sink.connected()
+    finally:
+        broker.stop()
+    text = repr(logs) + repr(bad_logs) + repr(good) + repr(good.redacted())
+    assert password not in text and "wrong-password" not in text
+    assert any(e["event"] == "sink.mqtt_refused" for e in bad_logs)
