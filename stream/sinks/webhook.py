@@ -119,9 +119,9 @@ class WebhookSink:
                 conn = self._connection()
                 conn.request("POST", self._path, body=item.body, headers=self.headers(item))
                 resp = conn.getresponse()
-                resp.read(64 * 1024)  # drain (bounded) so the connection can be reused
+                resp.read(64 * 1024)  # the body is not used; read a bounded part of it
                 status = resp.status
-                if resp.will_close:
+                if resp.will_close or not resp.isclosed():  # closed = fully read: reusable
                     self._drop()
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
