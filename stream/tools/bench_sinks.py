@@ -282,7 +282,7 @@ def _outage(
     thread.start()
     out: dict[str, Any] = {}
     try:
-        time.sleep(3.0)  # steady state first
+        time.sleep(min(3.0, outage_s))  # steady state first
         say(f"outage: receivers down for {outage_s:.0f} s while {rate:g} verdicts/s arrive")
         if "mqtt" in kinds:
             rx["broker"].stop()

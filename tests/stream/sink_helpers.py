@@ -69,8 +69,11 @@ def produce(bus: Bus, cameras: tuple[str, ...], seqs: range) -> list[Event]:
 
 
 def sink_settings(bus: Bus, **overrides: Any) -> Settings:
+    """Settings for ``bus``'s line; short blocking reads so a worker stops quickly."""
+    quick = {f"sinks.{kind}.block_ms": 200 for kind in ("mqtt", "opcua", "webhook")}
     return Settings.load(
-        {"redis.key_prefix": bus.prefix, "line.id": bus.line, **overrides}, env_file=None
+        {"redis.key_prefix": bus.prefix, "line.id": bus.line, **quick, **overrides},
+        env_file=None,
     )
 
 
