@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from lineguard.engines.errors import ConfigError
 from lineguard.stream.bus import Bus
 from lineguard.stream.settings import Settings
 from lineguard.stream.sinks.payload import PAYLOAD_SCHEMA, encode_payload, verdict_payload
@@ -41,7 +42,7 @@ def build_sink(kind: str, settings: Settings) -> Sink:
         from lineguard.stream.sinks.webhook import WebhookSink
 
         return WebhookSink(settings.sinks.webhook)
-    raise ValueError(f"unknown sink kind {kind!r}; use one of {', '.join(SINK_KINDS)}")
+    raise ConfigError(f"unknown sink kind {kind!r}; use one of {', '.join(SINK_KINDS)}")
 
 
 def sink_stage(
