@@ -109,6 +109,32 @@ class Metrics:
             "lineguard_model_reloads_total", "Bundle reloads, by outcome.",
             ["stage", "outcome"], registry=r,
         )  # fmt: skip
+        self.sink_delivered = Counter(
+            "lineguard_sink_delivered_total", "Verdicts a sink delivered and acknowledged.",
+            ["sink"], registry=r,
+        )  # fmt: skip
+        self.sink_errors = Counter(
+            "lineguard_sink_errors_total", "Delivery attempts of a sink that failed (retried).",
+            ["sink"], registry=r,
+        )  # fmt: skip
+        self.sink_refused = Counter(
+            "lineguard_sink_refused_total",
+            "Verdicts a receiver refused for good (moved to the dead stream).",
+            ["sink"], registry=r,
+        )  # fmt: skip
+        self.sink_lag = Gauge(
+            "lineguard_sink_lag", "Events a sink has not delivered yet (unread plus held).",
+            ["sink"], registry=r,
+        )  # fmt: skip
+        self.sink_delay = Gauge(
+            "lineguard_sink_delay_seconds",
+            "Verdict-to-delivery time of the last event a sink delivered.",
+            ["sink"], registry=r,
+        )  # fmt: skip
+        self.sink_up = Gauge(
+            "lineguard_sink_up", "1 while a sink's last delivery attempt succeeded.",
+            ["sink"], registry=r,
+        )  # fmt: skip
         self.model_info = Gauge(
             "lineguard_model_info", "1 for the model version a stage currently uses.",
             ["stage", "version"], registry=r,

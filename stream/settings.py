@@ -331,6 +331,178 @@ class MetricsSettings(_Section):
         return self
 
 
+_TOPIC_FIELDS = frozenset({"line", "camera", "verdict"})
+
+
+class SinkBaseSettings(_Section):
+    """What every sink shares: its name (its consumer group is ``sink:<kind>:<name>``), how
+    much it holds in memory, and how it backs off while the receiver is down.
+
+    Only ``queue_size`` events are read from the stream and held at a time; the rest wait in
+    Redis, so an outage costs stream entries (up to ``LINEGUARD_DECIDE__EVENTS_MAX_LEN``),
+    never memory."""
+
+    name: str = "default"
+    queue_size: int = Field(
+        default=64, ge=1, le=10_000, description="events read and held in memory at most"
+    )
+    block_ms: int = Field(default=1000, ge=1)
+    retry_base_s: float = Field(default=0.5, gt=0, le=600, description="first retry delay")
+    retry_cap_s: float = Field(default=5.0, gt=0, le=3600, description="longest retry delay")
+    reclaim_idle_ms: int = Field(default=60_000, ge=1)
+    start: Literal["new", "all"] = Field(
+        default="new",
+        description="where a sink's new consumer group starts: events from now on, or all "
+        "still in the stream; a group that exists continues where it was",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _sink_name(cls, value: str) -> str:
+        return _check_name(value, "sink name")
+
+    @model_validator(mode="after")
+    def _cap_above_base(self) -> SinkBaseSettings:
+        if self.retry_cap_s < self.retry_base_s:
+            raise ValueError(
+                f"retry_cap_s={self.retry_cap_s} is below retry_base_s={self.retry_base_s} "
+                "(LINEGUARD_SINKS__<KIND>__RETRY_CAP_S); raise the cap"
+            )
+        return self
+
+
+class MqttSinkSettings(SinkBaseSettings):
+    """An MQTT broker: one QoS-1 message per verdict on ``topic`` (``{line}``, ``{camera}``,
+    ``{verdict}`` are filled in). ``retain`` keeps each topic's last verdict on the broker,
+    so a subscriber that connects later reads each camera's latest at once."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65_535)
+    topic: str = "lineguard/{line}/{camera}/verdict"
+    qos: Literal[1, 2] = 1
+    retain: bool = False
+    client_id: str | None = Field(default=None, description="unset = lineguard-<line>-<name>")
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    ack_timeout_s: float = Field(default=10.0, gt=0, le=600, description="wait for PUBACK")
+    username: SecretStr | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_template(cls, value: str) -> str:
+        import string
+
+        if not value or any(c in value for c in "+#\0"):
+            raise ValueError("an MQTT topic to publish on must be non-empty, without + or #")
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"bad topic template: {exc}") from None
+        unknown = names - _TOPIC_FIELDS
+        if unknown:
+            raise ValueError(
+                f"topic template uses {sorted(unknown)}; it may use {{line}}, {{camera}} and "
+                "{verdict}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> MqttSinkSettings:
+        if (self.ca_file or self.cert_file or self.key_file) and not self.tls:
+            raise ValueError(
+                "LINEGUARD_SINKS__MQTT__CA_FILE/CERT_FILE/KEY_FILE are set but "
+                "LINEGUARD_SINKS__MQTT__TLS is off; set it to true"
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(
+                "LINEGUARD_SINKS__MQTT__CERT_FILE and LINEGUARD_SINKS__MQTT__KEY_FILE go "
+                "together (a client certificate needs its key)"
+            )
+        if self.password is not None and self.username is None:
+            raise ValueError(
+                "LINEGUARD_SINKS__MQTT__PASSWORD is set without LINEGUARD_SINKS__MQTT__USERNAME"
+            )
+        return self
+
+
+class OpcuaSinkSettings(SinkBaseSettings):
+    """An OPC UA server with each camera's last verdict and counters, for a PLC or SCADA.
+
+    On loopback by default; any other address needs ``username`` and ``password`` (the
+    dashboard's rule, see ``lineguard.stream.binding``), and anonymous sessions are refused
+    whenever a password is set."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=4840, ge=1, le=65_535)
+    path: str = Field(default="lineguard", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
+    namespace: str = "urn:lineguard:verdicts"
+    username: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _credentials_off_loopback(self) -> OpcuaSinkSettings:
+        token = None if self.password is None else self.password.get_secret_value()
+        problem = binding_problem(
+            "OPC UA server",
+            self.host,
+            token,
+            "set LINEGUARD_SINKS__OPCUA__USERNAME and LINEGUARD_SINKS__OPCUA__PASSWORD",
+        )
+        if problem:
+            raise ValueError(problem)
+        if (self.username is None) != (self.password is None):
+            raise ValueError(
+                "LINEGUARD_SINKS__OPCUA__USERNAME and LINEGUARD_SINKS__OPCUA__PASSWORD go together"
+            )
+        return self
+
+
+class WebhookSinkSettings(SinkBaseSettings):
+    """An HTTP endpoint: one POST per verdict, signed with HMAC-SHA256 over the body in the
+    ``X-Lineguard-Signature: sha256=<hex>`` header. Failures (connection, timeout, 408,
+    429, 5xx) are retried with exponential backoff; another 4xx dead-letters that verdict."""
+
+    url: str | None = Field(default=None, description="http:// or https:// URL to POST to")
+    secret: SecretStr | None = Field(default=None, description="HMAC key, 16+ characters")
+    timeout_s: float = Field(default=5.0, gt=0, le=600)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the webhook URL must be http://host[:port]/path or https://…")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError(
+                "the webhook secret must be at least 16 characters (e.g. from `python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+        return value
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (redacted_url(value) if name == "url" else value)
+
+
+class SinksSettings(_Section):
+    """Where verdicts go besides the events stream (``lineguard sink mqtt|opcua|webhook``)."""
+
+    mqtt: MqttSinkSettings = MqttSinkSettings()
+    opcua: OpcuaSinkSettings = OpcuaSinkSettings()
+    webhook: WebhookSinkSettings = WebhookSinkSettings()
+
+
 class LogSettings(_Section):
     """structlog output. ``format=auto`` is console on a TTY and JSON otherwise."""
 
@@ -363,6 +535,7 @@ class Settings(BaseSettings):
     decide: DecideSettings = DecideSettings()
     limits: LimitsSettings = LimitsSettings()
     metrics: MetricsSettings = MetricsSettings()
+    sinks: SinksSettings = SinksSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")
@@ -370,11 +543,18 @@ class Settings(BaseSettings):
         # redis-py 8 gives every socket a 5 s read timeout; a BLOCK at or near it turns an
         # idle line into TimeoutError storms. Demand a clear margin (at most half).
         limit_ms = self.redis.socket_timeout * 1000 / 2
-        for section in ("infer", "decide"):
-            block_ms = getattr(self, section).block_ms
+        blocks: list[tuple[tuple[str, ...], int]] = [
+            (("infer",), self.infer.block_ms),
+            (("decide",), self.decide.block_ms),
+        ]
+        blocks += [
+            (("sinks", kind), getattr(self.sinks, kind).block_ms)
+            for kind in SinksSettings.model_fields
+        ]
+        for section, block_ms in blocks:
             if block_ms > limit_ms:
                 raise ValueError(
-                    f"{env_var(section, 'block_ms')}={block_ms} must be at most half of "
+                    f"{env_var(*section, 'block_ms')}={block_ms} must be at most half of "
                     f"LINEGUARD_REDIS__SOCKET_TIMEOUT={self.redis.socket_timeout} s "
                     f"({limit_ms:.0f} ms), or blocked reads time out on the client first; "
                     "lower block_ms or raise socket_timeout"
@@ -410,6 +590,7 @@ class Settings(BaseSettings):
         """A JSON-ready dump safe to log: secrets masked, the URL's password replaced."""
         data = self.model_dump(mode="json")
         data["redis"]["url"] = redacted_url(self.redis.url)
+        data["sinks"]["webhook"]["url"] = redacted_url(self.sinks.webhook.url)
         return data
 
 
@@ -468,7 +649,7 @@ def _split_key(key: str) -> list[str]:
     return parts
 
 
-_SECRET_FIELDS = frozenset({"password", "username"})
+_SECRET_FIELDS = frozenset({"password", "username", "secret"})
 
 
 def settings_error(exc: ValidationError) -> ConfigError:

@@ -3,7 +3,8 @@
 - :mod:`.line` — ``run`` and the workers ``ingest``, ``infer``, ``decide``;
 - :mod:`.tools` — ``replay``, ``events``, ``health``, ``dashboard``, ``demo``;
 - :mod:`.offline` — ``synth``, ``train``, ``evaluate``, ``refit``, ``fewshot-curve``;
-- :mod:`.bench` — ``bench model|knn|e2e|soak``; :mod:`.bundle` — ``bundle info``.
+- :mod:`.bench` — ``bench model|knn|e2e|soak|sinks``; :mod:`.bundle` — ``bundle info``;
+- :mod:`.sinks` — ``sink mqtt|opcua|webhook``.
 
 Commands only parse arguments and hand off to plain functions; options shared by several
 commands are defined once in :mod:`.options`, and :mod:`.common` turns a ``LineguardError``
@@ -19,7 +20,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from lineguard.stream.cli import bench, bundle, line, offline, tools
+from lineguard.stream.cli import bench, bundle, line, offline, sinks, tools
 from lineguard.stream.cli.common import state
 from lineguard.stream.cli.options import env_help
 
@@ -58,5 +59,6 @@ app.add_typer(tools.app)
 app.add_typer(offline.app)
 app.add_typer(bench.app, name="bench")
 app.add_typer(bundle.app, name="bundle")
+app.add_typer(sinks.app, name="sink")
 
 __all__ = ["app"]

@@ -1,6 +1,6 @@
 """``lineguard bench``: benchmarks that print a table and write JSON — the model alone per
 runtime and batch (``model``), the patch-bank search (``knn``), the whole line through Redis
-(``e2e``) and a long run at a fixed rate (``soak``)."""
+(``e2e``), a long run at a fixed rate (``soak``) and the verdict sinks (``sinks``)."""
 
 from __future__ import annotations
 
@@ -312,3 +312,39 @@ def bench_chaos_cmd(
         for problem in result["problems"]:
             err_console.print(f"[red]chaos:[/red] {problem}", highlight=False)
         raise typer.Exit(code=1)
+
+
+@app.command("sinks")
+@friendly_errors
+def bench_sinks_cmd(
+    sinks: Annotated[
+        str, typer.Option(metavar="KIND,…", help="Sinks: mqtt, opcua, webhook.")
+    ] = "mqtt,opcua,webhook",
+    events: Annotated[int, typer.Option(metavar="N", help="Backlog for the throughput.")] = 3000,
+    outage: Annotated[
+        float, typer.Option(metavar="S", help="Receivers down this long (0: skip).")
+    ] = 60.0,
+    rate: Annotated[
+        float, typer.Option(metavar="N", help="Verdicts per second in the outage phase.")
+    ] = 50.0,
+    cameras: Annotated[int, typer.Option(metavar="N", help="Cameras to spread over.")] = 2,
+    json_path: JsonOpt = None,
+) -> None:
+    """Verdicts/s each sink delivers, and its lag and catch-up after an outage.
+
+    Starts its own Mosquitto and HTTP receiver on loopback; Redis as for 'bench e2e'.
+    """
+    from lineguard.stream.tools.bench_sinks import bench_sinks, result_table
+
+    settings = load_settings({}, quiet=True)
+    result = bench_sinks(
+        settings,
+        kinds=tuple(split_list(sinks)),
+        events=events,
+        outage_s=outage,
+        rate=rate,
+        cameras=cameras,
+        progress=lambda m: err_console.print(f"[dim]{m}[/dim]", highlight=False),
+    )
+    console.print(result_table(result))
+    write_json(json_path, result)

@@ -44,7 +44,8 @@ from lineguard.stream.cli.options import (
 
 app = typer.Typer()
 
-STAGES = ("ingest", "infer", "decide")  # what writes heartbeats
+# what writes heartbeats: the line's stages and the sinks (lineguard.stream.sinks)
+STAGES = ("ingest", "infer", "decide", "sink-mqtt", "sink-opcua", "sink-webhook")
 
 
 @app.command()
@@ -184,7 +185,9 @@ def health(
     stage: Annotated[
         str,
         typer.Option(
-            metavar="STAGE,…", help="Stages that must have a live worker: ingest, infer, decide."
+            metavar="STAGE,…",
+            help="Stages that must have a live worker: ingest, infer, decide, sink-mqtt, "
+            "sink-opcua, sink-webhook.",
         ),
     ] = "infer,decide",
     timeout: Annotated[
@@ -195,9 +198,10 @@ def health(
 ) -> None:
     """Exit 0 if every named stage has a live worker heartbeat, else 1 (for probes).
 
-    --format json prints one JSON object: ok, missing, workers, queues, dead.
+    --format json prints one JSON object: ok, missing, workers, queues, sinks, dead.
     """
     from lineguard.stream.bus import Bus
+    from lineguard.stream.sinks.stage import sink_queues
     from lineguard.stream.worker import health_report
 
     required = split_list(stage)
@@ -227,6 +231,7 @@ def health(
                     "consumers": st.consumers,
                 }
             )
+        sinks = sink_queues(bus)
         dead = bus.length("dead")
     finally:
         client.close()
@@ -240,7 +245,8 @@ def health(
         stale_names = [w.get("consumer") for w in stale]
         typer.echo(
             json.dumps(
-                {**report, "stale": stale_names, "queues": queues, "dead": dead}, default=str
+                {**report, "stale": stale_names, "queues": queues, "sinks": sinks, "dead": dead},
+                default=str,
             )
         )
     else:
@@ -252,6 +258,12 @@ def health(
                 else f"length {q['length']}, lag {q['lag']}, pending {q['pending']}"
             )
             console.print(f"{stream}: {text}", highlight=False)
+        for group, q in sinks.items():
+            console.print(
+                f"events → {group}: lag {q['lag']}, pending {q['pending']}, "
+                f"consumers {q['consumers']}",
+                highlight=False,
+            )
         console.print(f"dead letters: {dead}", highlight=False)
         for w in stale:
             console.print(
