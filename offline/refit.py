@@ -19,7 +19,13 @@ import numpy as np
 from lineguard.engines.bundle import Bundle, load_bundle, save_bundle
 from lineguard.engines.errors import BundleError, ConfigError
 from lineguard.engines.model import CSADModel, ModelConfig, resolve_patch_search
-from lineguard.offline.banks import BANK_BRANCHES, bank_cap, coreset_size, fit_banks
+from lineguard.offline.banks import (
+    BANK_BRANCHES,
+    BANK_CODEC_SHARE,
+    bank_cap,
+    coreset_size,
+    fit_banks,
+)
 from lineguard.offline.calibrate import calibrate
 from lineguard.offline.datasets import load_image, open_dataset
 
@@ -42,6 +48,7 @@ def refit_bundle(
     fusion_recipe: str | None = None,
     target_frr: float | None = None,
     max_train: int | None = None,
+    bank_codec_share: float = BANK_CODEC_SHARE,
     progress: bool = False,
     log: Callable[[str], None] = lambda _m: None,
 ) -> Bundle:
@@ -110,7 +117,7 @@ def refit_bundle(
         )
     model.eval()
     log(f"fitting memory banks: {', '.join(b for b in config.branches if b in BANK_BRANCHES)}")
-    info = fit_banks(model, train_images, progress=progress)
+    info = fit_banks(model, train_images, progress=progress, codec_share=bank_codec_share)
     log("calibrating on validation goods")
     previous = source.calibration
     calibration, _ = calibrate(

@@ -34,6 +34,7 @@ from lineguard.engines.input_size import format_input_size, parse_input_size
 from lineguard.engines.model import CSADModel, ModelConfig, resolve_patch_search
 from lineguard.offline.banks import (
     BANK_BRANCHES,
+    BANK_CODEC_SHARE,
     PATCH_BANK_CAP,
     PATCH_BANK_FRACTION,
     bank_cap,
@@ -74,6 +75,8 @@ class TrainPreset:
     patch_bank: int | None = None
     patch_bank_fraction: float = PATCH_BANK_FRACTION
     patch_bank_cap: int = PATCH_BANK_CAP
+    # training images whose patches also enter the bank after a camera-like JPEG (offline.banks)
+    bank_codec_share: float = BANK_CODEC_SHARE
     # The patch banks' descriptor (engines.knn): "mid" (PatchCore's strides 8 + 16), "shallow"
     # (strides 4 + 8) or "auto", decided from the pseudo-labels of the good images: a surface
     # (no component found) gets "mid", an assembly "shallow". Neither wins both: on the real
@@ -453,7 +456,9 @@ def train_bundle(
             "banks",
             "stage 4/5: memory banks",
             banks,
-            lambda: fit_banks(model, train_images, progress=progress),
+            lambda: fit_banks(
+                model, train_images, progress=progress, codec_share=preset.bank_codec_share
+            ),
         )
     if "calibration" in state["done"] and (out / "manifest.json").exists():
         note(f"all stages done: {out} is up to date (pass --restart to train again)")

@@ -28,3 +28,22 @@ def test_codec_jitter_compresses_about_the_asked_share_and_nothing_else() -> Non
     again = codec_jitter(images, np.random.default_rng(1), 0.5, qualities=(50, 60))
     assert np.array_equal(out, again)
     assert codec_jitter(images, np.random.default_rng(1), 0.0) is images
+
+
+def test_the_patch_bank_also_holds_compressed_copies_but_never_an_images_twin() -> None:
+    """Copies enter the bank's candidates; each image's leave-one-out score still excludes
+    its own copy (else it would find its twin and read as perfectly normal)."""
+    import torch
+
+    from lineguard.engines.model import CSADModel, ModelConfig
+    from lineguard.offline.banks import fit_patch_bank
+
+    config = ModelConfig(input_size=64, class_names=("bg", "a"), patch_bank=256)
+    torch.manual_seed(0)
+    model = CSADModel(config, backbone_weights=None).eval()
+    images = np.stack([cv2.resize(im, (64, 64)) for im in _smooth(6)])
+    plain = fit_patch_bank(model, images, codec_share=0.0)
+    copies = fit_patch_bank(model, images, codec_share=1.0)
+    assert copies["candidates"] == 2 * plain["candidates"]
+    ratio = np.asarray(copies["loo"]) / np.asarray(plain["loo"])
+    assert ratio.min() > 0.7, ratio  # a twin in the bank would make it ≈ 0
