@@ -18,11 +18,26 @@ from typer.testing import CliRunner
 
 from lineguard.engines.runtimes.base import PRECISIONS
 from lineguard.stream.cli import app
+from lineguard.stream.cli.tools import STAGES
 from lineguard.stream.infer import RUNTIME_CHOICES
 from tests.deploy.deploy_files import DEPLOY
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-STAGES = ("ingest", "infer", "decide")
+
+
+def stage_command(stage: str) -> tuple[str, ...]:
+    """The subcommand that runs ``stage``'s worker: ``sink-mqtt`` is ``lineguard sink mqtt``."""
+    return tuple(stage.split("-"))
+
+
+def stage_of(argv: list[str] | tuple[str, ...]) -> str | None:
+    """The stage (heartbeat name, ``lineguard health --stage``) a worker command line runs,
+    or None for anything else."""
+    for stage in STAGES:
+        path = stage_command(stage)
+        if tuple(argv[: len(path)]) == path:
+            return stage
+    return None
 
 
 @dataclass

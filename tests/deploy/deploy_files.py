@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from lineguard.stream.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
+from lineguard.stream.sinks import SINK_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -22,6 +23,8 @@ K8S = DEPLOY / "k8s"
 SYSTEMD = DEPLOY / "systemd"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
+# What deploy/.env holds for compose's plant profile: the values passed through to the sinks.
+PLANT_ENV = DEPLOY / "plant.env.example"
 
 # "LINEGUARD_" followed by a name; a bare "LINEGUARD_" or "LINEGUARD_*" in prose is not one.
 ENV_TOKEN = re.compile(r"\bLINEGUARD_[A-Z0-9_]*[A-Z0-9]")
@@ -65,6 +68,41 @@ def settings_env_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREF
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             names |= settings_env_names(annotation, name + ENV_NESTED_DELIMITER)
     return names
+
+
+def settings_secret_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> set[str]:
+    """The variables of settings typed ``SecretStr`` (passwords, tokens, the webhook key):
+    the ones no deploy file may give a value."""
+    names: set[str] = set()
+    for field_name, info in model.model_fields.items():
+        name = f"{prefix}{field_name.upper()}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= settings_secret_names(annotation, name + ENV_NESTED_DELIMITER)
+        elif SecretStr in getattr(annotation, "__args__", (annotation,)):
+            names.add(name)
+    return names
+
+
+def stand_in_secret(name: str) -> str:
+    """A value for secret ``name`` where the operator supplies it (long enough for every
+    length rule: 8 characters for passwords and tokens, 16 for the webhook key)."""
+    return f"stand-in-{name.lower()}"
+
+
+def compose_environment(svc: dict[str, Any]) -> dict[str, str]:
+    """What a compose service's container sees, set up as documented: interpolations
+    resolved; a key without a value (compose passes it through from the shell or
+    deploy/.env) takes its value from deploy/plant.env.example, an empty secret there a
+    stand-in, and one the example lacks stays unset, as compose leaves it."""
+    example = parse_env_file(PLANT_ENV)
+    env: dict[str, str] = {}
+    for key, value in (svc.get("environment") or {}).items():
+        if value is not None:
+            env[key] = resolve_interpolation(str(value))
+        elif key in example:
+            env[key] = example[key] or stand_in_secret(key)
+    return env
 
 
 def resolve_interpolation(value: str) -> str:
@@ -270,7 +308,16 @@ def k8s_commands(docs: list[tuple[Path, dict[str, Any]]]) -> Iterator[Command]:
 
 
 # Example instances, and the example files deploy/systemd ships for their EnvironmentFile=s.
-SYSTEMD_INSTANCES = {"lineguard-ingest@.service": "cam0", "lineguard-infer@.service": "0"}
+SYSTEMD_INSTANCES: dict[str, tuple[str, ...]] = {
+    "lineguard-ingest@.service": ("cam0",),
+    "lineguard-infer@.service": ("0",),
+    "lineguard-sink@.service": SINK_KINDS,
+}
+
+
+def systemd_instances(path: Path) -> tuple[str, ...]:
+    """The instances to check a unit as: every example of a template, "" for a plain unit."""
+    return SYSTEMD_INSTANCES.get(path.name, ("",))
 
 
 def systemd_environment(path: Path, instance: str) -> dict[str, str]:
@@ -294,15 +341,15 @@ def systemd_environment(path: Path, instance: str) -> dict[str, str]:
 
 def systemd_commands() -> Iterator[Command]:
     for path in sorted(SYSTEMD.glob("*.service")):
-        instance = SYSTEMD_INSTANCES.get(path.name, "")
-        env = systemd_environment(path, instance)
-        unit = parse_unit(path)
-        for key in ("ExecStartPre", "ExecStart", "ExecStartPost", "ExecReload", "ExecStop"):
-            for value in unit_values(unit, "Service", key):
-                line = value.lstrip("-@+!:").replace("%i", instance).replace("%H", "pc1")
-                where = f"{path.name} {key}"
-                argv = shlex.split(expand(_SYSTEMD_VAR, line, env, where))
-                yield from commands_in_argv(argv, where)
+        for instance in systemd_instances(path):
+            env = systemd_environment(path, instance)
+            unit = parse_unit(path)
+            for key in ("ExecStartPre", "ExecStart", "ExecStartPost", "ExecReload", "ExecStop"):
+                for value in unit_values(unit, "Service", key):
+                    line = value.lstrip("-@+!:").replace("%i", instance).replace("%H", "pc1")
+                    where = f"{path.name.replace('@.', f'@{instance}.')} {key}"
+                    argv = shlex.split(expand(_SYSTEMD_VAR, line, env, where))
+                    yield from commands_in_argv(argv, where)
 
 
 def dockerfile_commands() -> Iterator[Command]:

@@ -21,10 +21,12 @@ import pytest
 import redis
 
 from lineguard.engines.errors import ConfigError
+from lineguard.stream.binding import is_loopback
 from lineguard.stream.bus import Bus
 from lineguard.stream.settings import ENV_PREFIX, Settings
+from lineguard.stream.sinks import SINK_KINDS, build_sink
 from tests.deploy import deploy_files as df
-from tests.deploy.cli_check import STAGES, check_command, help_info
+from tests.deploy.cli_check import STAGES, check_command, help_info, stage_command, stage_of
 
 # ------------------------------------------------------------------------------- fixtures
 
@@ -61,19 +63,36 @@ def flag_values(argv: list[str], flags: tuple[str, ...]) -> dict[str, str]:
     return {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a in flags}
 
 
-# What the required Secret lineguard-metrics holds (created by the operator, not shipped).
-K8S_SECRETS = {"LINEGUARD_METRICS__TOKEN": "stand-in-metrics-token"}
+def secret_stand_ins(*names: str) -> dict[str, str]:
+    return {name: df.stand_in_secret(name) for name in names}
 
 
-def validate_settings(env: dict[str, str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``env`` (plus nothing else from this process) must make valid lineguard settings."""
+# What the Secrets the manifests require hold (created by the operator, never shipped; each
+# file says how). lineguard-redis and lineguard-sink-mqtt are optional and left out.
+K8S_SECRETS = {
+    "lineguard-metrics": secret_stand_ins("LINEGUARD_METRICS__TOKEN"),
+    "lineguard-sink-opcua": {
+        "LINEGUARD_SINKS__OPCUA__USERNAME": "plc",
+        **secret_stand_ins("LINEGUARD_SINKS__OPCUA__PASSWORD"),
+    },
+    "lineguard-sink-webhook": secret_stand_ins("LINEGUARD_SINKS__WEBHOOK__SECRET"),
+}
+
+
+def validate_settings(
+    env: dict[str, str], where: str, monkeypatch: pytest.MonkeyPatch, stage: str | None = None
+) -> None:
+    """``env`` (plus nothing else from this process) must make valid lineguard settings, and
+    for a sink stage also a sink that accepts them (the webhook's needs a URL and a key)."""
     with monkeypatch.context() as m:
         for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
             m.delenv(key)
         for key, value in env.items():
             m.setenv(key, value)
         try:
-            Settings.load(env_file=None)
+            settings = Settings.load(env_file=None)
+            if stage is not None and stage.startswith("sink-"):
+                build_sink(stage.removeprefix("sink-"), settings)
         except ConfigError as exc:
             pytest.fail(f"{where}: {exc}")
 
@@ -89,6 +108,8 @@ def test_the_deploy_tree_has_what_issue_6_asks_for() -> None:
         "k8s/kustomization.yaml",
         "systemd/lineguard.target",
         "systemd/lineguard.env",
+        "systemd/lineguard-sink@.service",
+        "plant.env.example",
         "bin/lineguard_probe.py",
         "bin/lineguard_prepare.py",
     ):
@@ -129,31 +150,119 @@ def test_compose_settings_validate_per_service(
         env = svc.get("environment")
         assert isinstance(env, dict), f"compose {name}: settings go in `environment:` (a map)"
         assert "env_file" not in svc, f"compose {name}: settings through environment only"
-        resolved = {k: df.resolve_interpolation(str(v)) for k, v in env.items()}
-        validate_settings(resolved, f"compose {name}", monkeypatch)
+        stage = stage_of([str(a) for a in svc.get("command") or []])
+        validate_settings(df.compose_environment(svc), f"compose {name}", monkeypatch, stage)
 
 
 def test_k8s_settings_validate(
     k8s_docs: list[tuple[Path, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = {**by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"], **K8S_SECRETS}
+    settings = {
+        **by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"],
+        **K8S_SECRETS["lineguard-metrics"],
+    }
     validate_settings(settings, "ConfigMap lineguard-settings", monkeypatch)
     for _path, doc in k8s_docs:
-        for _key, c in df.k8s_containers(doc):
+        for key, c in df.k8s_containers(doc):
             refs = [s["secretRef"] for s in c.get("envFrom") or [] if "secretRef" in s]
             if any(r.get("configMapRef") for r in c.get("envFrom") or []):
                 # the metrics endpoint listens off loopback: its token must always be there
                 assert {"name": "lineguard-metrics"} in refs, f"{c['name']}: no metrics token"
+            secrets: dict[str, str] = {}
+            for ref in refs:
+                assert ref.get("optional") or ref["name"] in K8S_SECRETS, (
+                    f"{c['name']}: required Secret {ref['name']} is not known to this test"
+                )
+                secrets.update(K8S_SECRETS.get(ref["name"], {}))
             extra = {e["name"]: str(e["value"]) for e in c.get("env") or [] if "value" in e}
-            validate_settings({**settings, **extra}, f"{doc['metadata']['name']}", monkeypatch)
+            stage = stage_of(c.get("args") or []) if key == "containers" else None
+            where = f"{doc['metadata']['name']}/{c['name']}"
+            validate_settings({**settings, **secrets, **extra}, where, monkeypatch, stage)
 
 
 def test_systemd_settings_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     for path in sorted(df.SYSTEMD.glob("*.service")):
-        instance = df.SYSTEMD_INSTANCES.get(path.name, "")
-        env = df.systemd_environment(path, instance)
-        settings = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
-        validate_settings(settings, path.name, monkeypatch)
+        for instance in df.systemd_instances(path):
+            env = df.systemd_environment(path, instance)
+            settings = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+            # the units name no stage; a sink's lacks its secrets file, which has no example
+            validate_settings(settings, f"{path.name} {instance}", monkeypatch)
+
+
+# -------------------------------------------------------------------------------- secrets
+
+# a compose value that only names a variable (no default): the operator's, never the file's
+_NO_DEFAULT = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}$")
+
+
+def test_the_secret_walk_finds_the_secret_settings() -> None:
+    secrets = df.settings_secret_names()
+    assert {
+        "LINEGUARD_METRICS__TOKEN",
+        "LINEGUARD_REDIS__PASSWORD",
+        "LINEGUARD_SINKS__MQTT__PASSWORD",
+        "LINEGUARD_SINKS__OPCUA__PASSWORD",
+        "LINEGUARD_SINKS__WEBHOOK__SECRET",
+    } <= secrets
+    assert "LINEGUARD_SINKS__OPCUA__USERNAME" not in secrets  # a plain str: a login name
+    assert "LINEGUARD_SINKS__WEBHOOK__URL" not in secrets
+
+
+def test_no_deploy_file_gives_a_secret_a_value(
+    compose: dict[str, Any], k8s_docs: list[tuple[Path, dict[str, Any]]]
+) -> None:
+    """Passwords, tokens and the webhook key come from the operator's deploy/.env, Secrets
+    or a mode-0600 file, never from a file in the repository."""
+    secrets = df.settings_secret_names()
+    for name, svc in our_services(compose).items():
+        for key, value in (svc.get("environment") or {}).items():
+            if key in secrets:
+                assert value is None or _NO_DEFAULT.match(str(value)), (
+                    f"compose {name}: {key} has a value in the file"
+                )
+    assert not by_kind(k8s_docs, "Secret"), "a Secret with its values is committed"
+    for key in by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"]:
+        assert key not in secrets, f"ConfigMap lineguard-settings holds {key}"
+    for _path, doc in k8s_docs:
+        for _key, c in df.k8s_containers(doc):
+            for e in c.get("env") or []:
+                assert e["name"] not in secrets or "value" not in e, f"{c['name']}: {e['name']}"
+    for path in [df.PLANT_ENV, *sorted(df.SYSTEMD.glob("*.env"))]:
+        for key, value in df.parse_env_file(path).items():
+            assert key not in secrets or value == "", f"{path.name}: {key} has a value"
+
+
+def test_every_required_k8s_secret_says_how_to_create_it(
+    k8s_docs: list[tuple[Path, dict[str, Any]]],
+) -> None:
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(df.K8S.glob("*.yaml")))
+    created = set(re.findall(r"create secret generic ([a-z0-9-]+)", text))
+    for _path, doc in k8s_docs:
+        for _key, c in df.k8s_containers(doc):
+            for src in c.get("envFrom") or []:
+                ref = src.get("secretRef")
+                if ref and not ref.get("optional"):
+                    assert ref["name"] in created, f"{c['name']}: how is {ref['name']} made?"
+                if ref:
+                    # what the test validated with is what the comment creates
+                    for key in K8S_SECRETS.get(ref["name"], {}):
+                        assert f"--from-literal={key}=" in text, (ref["name"], key)
+
+
+def test_compose_plant_values_are_passed_through_from_deploy_env(
+    compose: dict[str, Any],
+) -> None:
+    """A key without a value takes it from the shell or deploy/.env: each such key is in
+    deploy/plant.env.example, and each line there reaches a service."""
+    documented = set(df.ENV_TOKEN.findall(df.PLANT_ENV.read_text(encoding="utf-8")))
+    passed: set[str] = set()
+    for name, svc in our_services(compose).items():
+        through = {k for k, v in (svc.get("environment") or {}).items() if v is None}
+        assert through <= documented, f"compose {name}: {sorted(through - documented)}"
+        passed |= through
+    assert passed, "no service takes a value from deploy/.env"
+    unused = set(df.parse_env_file(df.PLANT_ENV)) - passed
+    assert not unused, f"plant.env.example sets {sorted(unused)}, which reach no service"
 
 
 # -------------------------------------------------------------------------------- images
@@ -266,7 +375,10 @@ def test_worker_commands_carry_no_settings_flags(
     compose: dict[str, Any], k8s_docs: list[tuple[Path, dict[str, Any]]]
 ) -> None:
     """Settings come from the environment only; a flag would hide what the env file says."""
-    settings_flags = {name for cmd in STAGES for name in help_info((cmd,)).settings_options}
+    settings_flags = {
+        name for stage in STAGES for name in help_info(stage_command(stage)).settings_options
+    }
+    assert {"--topic", "--url"} <= settings_flags, "the sink commands' settings flags"
     assert {"--line", "--max-batch", "--metrics-port"} <= settings_flags
     for c in all_commands(compose, k8s_docs):
         used = settings_flags.intersection(c.args)
@@ -276,17 +388,21 @@ def test_worker_commands_carry_no_settings_flags(
 def test_every_worker_probe_checks_its_own_stage(
     compose: dict[str, Any], k8s_docs: list[tuple[Path, dict[str, Any]]]
 ) -> None:
+    probed = set()
     for name, svc in our_services(compose).items():
-        cmd = svc.get("command") or []
-        if not cmd or cmd[0] not in STAGES:
+        stage = stage_of(svc.get("command") or [])
+        if stage is None:
             continue
         test = svc["healthcheck"]["test"]
-        assert test == ["CMD", "lineguard-probe", cmd[0]], f"compose {name}: {test}"
+        assert test == ["CMD", "lineguard-probe", stage], f"compose {name}: {test}"
+        probed.add(stage)
+    assert probed == set(STAGES), f"compose runs no worker of {set(STAGES) - probed}"
     for _path, doc in k8s_docs:
         for key, c in df.k8s_containers(doc):
             if key != "containers" or "lineguard" not in str(c.get("image")):
                 continue
-            stage = c["args"][0]
+            stage = stage_of(c["args"])
+            assert stage is not None, f"{c['name']}: {c['args']} runs no worker"
             for probe in ("readinessProbe", "livenessProbe"):
                 assert c[probe]["exec"]["command"] == ["lineguard-probe", stage], (c["name"], probe)
 
@@ -341,15 +457,39 @@ def test_prometheus_scrapes_every_worker_service_on_the_metrics_port(
     (prom,) = df.load_yaml_docs(df.DEPLOY / "prometheus.yml")
     (job,) = prom["scrape_configs"]
     (sd,) = job["dns_sd_configs"]
-    workers = {
-        n for n, s in our_services(compose).items() if (s.get("command") or [""])[0] in STAGES
-    }
+    workers = {n for n, s in our_services(compose).items() if stage_of(s.get("command") or [])}
     assert set(sd["names"]) == workers
     ports = {s["environment"]["LINEGUARD_METRICS__PORT"] for s in our_services(compose).values()}
     assert ports == {str(sd["port"])}
     assert compose["services"]["prometheus"]["profiles"] == ["metrics"]
     mounted = compose["services"]["prometheus"]["volumes"][0].split(":")[0]
     assert (df.DEPLOY / mounted).resolve() == (df.DEPLOY / "prometheus.yml").resolve()
+
+
+def test_compose_runs_each_sink_once_on_the_plant_profile(compose: dict[str, Any]) -> None:
+    sinks: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, svc in our_services(compose).items():
+        stage = stage_of(svc.get("command") or [])
+        if stage and stage.startswith("sink-"):
+            assert stage not in sinks, f"{name} and {sinks[stage][0]} run {stage}"
+            sinks[stage] = (name, svc)
+    assert sorted(sinks) == [f"sink-{k}" for k in SINK_KINDS]
+    for name, svc in sinks.values():
+        assert svc["profiles"] == ["plant"], f"{name}: only with --profile plant"
+        assert svc["restart"] == "unless-stopped" and svc["stop_signal"] == "SIGTERM", name
+        assert svc["image"].endswith("-cpu"), f"{name} needs no GPU"
+        cmd = [str(a) for a in svc["command"]]
+        assert "--consumer" in cmd, f"{name}: a stable consumer name"
+        assert "deploy" not in svc, f"{name}: one container per sink group (no replicas)"
+    _name, opcua = sinks["sink-opcua"]
+    env = df.compose_environment(opcua)
+    assert not is_loopback(env["LINEGUARD_SINKS__OPCUA__HOST"]), "unreachable from the host"
+    # the credentials come from deploy/.env, so the bind's rule is met there, not in the file
+    for key in ("LINEGUARD_SINKS__OPCUA__USERNAME", "LINEGUARD_SINKS__OPCUA__PASSWORD"):
+        assert opcua["environment"][key] is None, key
+    (published,) = opcua["ports"]
+    target = df.resolve_interpolation(str(published)).rsplit(":", 1)[1]
+    assert target == env["LINEGUARD_SINKS__OPCUA__PORT"], "the port published is not served"
 
 
 # ---------------------------------------------------------------------------------- kubernetes
@@ -370,7 +510,8 @@ def test_kubectl_kustomize_builds_the_manifests() -> None:
     )
     assert out.returncode == 0, out.stderr
     kinds = Counter(d["kind"] for d in df.yaml_module().safe_load_all(out.stdout) if d)
-    assert kinds["Deployment"] == 3 and kinds["StatefulSet"] == 1 and kinds["ScaledObject"] == 1
+    assert kinds["Deployment"] == 3 + len(SINK_KINDS), kinds
+    assert kinds["StatefulSet"] == 1 and kinds["ScaledObject"] == 1 and kinds["Service"] == 2
 
 
 def test_k8s_objects_are_well_formed_and_refer_to_each_other(
@@ -410,14 +551,22 @@ def test_k8s_objects_are_well_formed_and_refer_to_each_other(
 def test_k8s_workers_gpu_volume_and_drain(k8s_docs: list[tuple[Path, dict[str, Any]]]) -> None:
     deployments = by_kind(k8s_docs, "Deployment")
     by_stage = {
-        d["spec"]["template"]["spec"]["containers"][0]["args"][0]: d for d in deployments.values()
+        stage_of(d["spec"]["template"]["spec"]["containers"][0]["args"]): d
+        for d in deployments.values()
     }
     assert set(by_stage) == set(STAGES)
     for stage, dep in by_stage.items():
         pod = dep["spec"]["template"]["spec"]
         (main,) = pod["containers"]
-        data = next(m for m in main["volumeMounts"] if m["mountPath"] == "/var/lib/lineguard")
         gpu = main["resources"]["limits"].get("nvidia.com/gpu")
+        if stage and stage.startswith("sink-"):
+            # one consumer per sink group: never a second pod, not even during an update
+            assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+            assert "--consumer" in main["args"], f"{stage}: a stable consumer name"
+            assert gpu is None, f"{stage} needs no GPU"
+            assert "/var/lib/lineguard" not in {m["mountPath"] for m in main["volumeMounts"]}
+            continue
+        data = next(m for m in main["volumeMounts"] if m["mountPath"] == "/var/lib/lineguard")
         if stage == "infer":
             assert gpu == 1, "one GPU per infer pod"
             assert not data.get("readOnly"), "infer writes TensorRT engines into the bundle"
@@ -452,7 +601,10 @@ def test_keda_scales_infer_on_the_lag_of_its_own_stream_and_group(
     # the field names KEDA's redis-streams scaler reads (lag-based mode needs Redis 7+)
     assert {"address", "stream", "consumerGroup", "lagCount", "activationLagCount"} <= set(meta)
     assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
-    settings_env = {**by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"], **K8S_SECRETS}
+    settings_env = {
+        **by_kind(k8s_docs, "ConfigMap")["lineguard-settings"]["data"],
+        **K8S_SECRETS["lineguard-metrics"],
+    }
     settings = Settings.load(_nested(settings_env), env_file=None)
     bus = Bus(redis.Redis(), line=settings.line.id, prefix=settings.redis.key_prefix)
     assert meta["stream"] == bus.key("frames")
@@ -468,6 +620,26 @@ def _nested(env: dict[str, str]) -> dict[str, dict[str, str]]:
         section, field = key.removeprefix(ENV_PREFIX).lower().split("__", 1)
         out.setdefault(section, {})[field] = value
     return out
+
+
+def test_the_opc_ua_service_reaches_the_opc_ua_sink(
+    k8s_docs: list[tuple[Path, dict[str, Any]]],
+) -> None:
+    service = by_kind(k8s_docs, "Service")["lineguard-sink-opcua"]
+    pods = [
+        d
+        for d in by_kind(k8s_docs, "Deployment").values()
+        if service["spec"]["selector"].items()
+        <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    (dep,) = pods
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert stage_of(c["args"]) == "sink-opcua"
+    env = {e["name"]: str(e["value"]) for e in c["env"] if "value" in e}
+    assert not is_loopback(env["LINEGUARD_SINKS__OPCUA__HOST"]), "the Service could not reach it"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    (port,) = service["spec"]["ports"]
+    assert str(ports[port["targetPort"]]) == env["LINEGUARD_SINKS__OPCUA__PORT"]
 
 
 def test_valkey_statefulset_persists_with_aof(k8s_docs: list[tuple[Path, dict[str, Any]]]) -> None:
@@ -527,10 +699,10 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed; the key checks above still ran")
     names = []
     for path in [*sorted(df.SYSTEMD.glob("*.service")), df.SYSTEMD / "lineguard.target"]:
-        instance = df.SYSTEMD_INSTANCES.get(path.name, "")
-        name = path.name.replace("@.", f"@{instance}.")
-        (tmp_path / name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-        names.append(name)
+        for instance in df.systemd_instances(path):
+            name = path.name.replace("@.", f"@{instance}.")
+            (tmp_path / name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+            names.append(name)
     for name in names:
         out = subprocess.run(
             [tool, "verify", "--man=no", str(tmp_path / name)],
