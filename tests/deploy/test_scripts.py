@@ -17,7 +17,7 @@ from lineguard.stream.bus import Bus
 from lineguard.stream.settings import ENV_PREFIX
 from lineguard.stream.worker import line_key
 from tests.deploy.cli_check import load_script
-from tests.deploy.deploy_files import DEPLOY
+from tests.deploy.deploy_files import COMPOSE, DEPLOY, load_yaml_docs
 
 PROBE = DEPLOY / "bin" / "lineguard_probe.py"
 
@@ -56,6 +56,36 @@ def test_probe_passes_only_for_this_hosts_own_worker_of_the_stage(bus: Bus, redi
     assert run_probe(env).returncode == 0  # the image's HEALTHCHECK: any stage
     failed = run_probe(env, "decide")
     assert failed.returncode == 1 and "no live decide worker" in failed.stderr
+
+
+def test_the_sinks_probe_passes_for_a_live_sink_even_while_its_receiver_is_down(
+    bus: Bus, redis_url: str
+) -> None:
+    """The healthcheck compose gives sink-webhook, against a real sink worker whose receiver
+    refuses connections: the worker keeps its heartbeat (it only falls behind), so the probe
+    passes and nobody restarts a sink for the plant's outage; it fails once the worker stops."""
+    from lineguard.stream.sinks import sink_stage
+    from tests.stream.sink_helpers import free_port, produce, running, sink_settings, wait_until
+    from tests.stream.test_sink_webhook import SECRET
+
+    (compose,) = load_yaml_docs(COMPOSE)
+    test = compose["services"]["sink-webhook"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "lineguard-probe"]
+    env = probe_env(bus, redis_url)
+    overrides = {
+        "sinks.webhook.url": f"http://127.0.0.1:{free_port()}/nobody-listens",
+        "sinks.webhook.secret": SECRET,
+        "sinks.webhook.start": "all",
+    }
+    stage = sink_stage("webhook", sink_settings(bus, **overrides), bus)
+    with running(stage, bus):
+        produce(bus, ("cam0",), range(3))
+        wait_until(lambda: stage.counts["errors"] > 0, 20, "a failed delivery")
+        assert run_probe(env, *test[2:]).returncode == 0
+        other = run_probe(env, "sink-mqtt")
+        assert other.returncode == 1 and "no live sink-mqtt worker" in other.stderr
+    assert stage.counts["delivered"] == 0
+    assert run_probe(env, *test[2:]).returncode == 1
 
 
 def test_probe_fails_with_a_reason_when_redis_is_unreachable(bus: Bus, redis_url: str) -> None:
