@@ -43,7 +43,7 @@ from lineguard.stream.cli.options import (
 
 app = typer.Typer()
 
-STAGES = ("ingest", "infer", "decide")  # what writes heartbeats
+STAGES = ("ingest", "infer", "decide", "history")  # what writes heartbeats
 
 
 @app.command()
@@ -183,7 +183,8 @@ def health(
     stage: Annotated[
         str,
         typer.Option(
-            metavar="STAGE,…", help="Stages that must have a live worker: ingest, infer, decide."
+            metavar="STAGE,…",
+            help="Stages that must have a live worker: ingest, infer, decide, history.",
         ),
     ] = "infer,decide",
     timeout: Annotated[

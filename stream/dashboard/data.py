@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import cv2
-import msgpack
 import numpy as np
 import redis
 import structlog
 
 from lineguard.stream.bus import Bus, GroupStats
 from lineguard.stream.dashboard.images import IMAGE_KINDS, ImageCache, Picture, render_reject
+from lineguard.stream.lookup import find_frame, find_scores, queued_at
 from lineguard.stream.protocol import (
     ENTRY_FIELD,
     VERDICTS,
@@ -43,9 +43,7 @@ from lineguard.stream.protocol import (
     ProtocolError,
     Scores,
     decode_event,
-    decode_frame,
     decode_image,
-    decode_scores,
     frame_key,
 )
 from lineguard.stream.settings import Settings
@@ -117,21 +115,6 @@ def _num(value: float | None, digits: int = 3) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return round(float(value), digits)
-
-
-def _peek(fields: Any) -> tuple[str, str, int] | None:
-    """(line, camera, seq) of a packed message without validating the rest of it."""
-    try:
-        data = fields.get(ENTRY_FIELD)
-        obj = msgpack.unpackb(data, raw=False) if isinstance(data, bytes) else None
-    except Exception:  # hostile or foreign entry: not ours to judge here
-        return None
-    if not isinstance(obj, dict):
-        return None
-    line, camera, seq = obj.get("line"), obj.get("camera"), obj.get("seq")
-    if isinstance(line, str) and isinstance(camera, str) and type(seq) is int:
-        return line, camera, seq
-    return None
 
 
 def discover_prefix(client: redis.Redis, pattern: str, line: str) -> str | None:
@@ -488,12 +471,7 @@ class LineView:
         assert self.bus is not None
         ev = rej.event
         scores = self.find_scores(ev)
-        t_queued: float | None = None
-        if scores is not None and scores.timings.get("t_queued"):
-            t_queued = scores.timings["t_queued"]
-        elif "ingest" in ev.latency:
-            t_queued = ev.t_capture + ev.latency["ingest"]
-        frame = self.find_frame(ev, t_queued)
+        frame = self.find_frame(ev, queued_at(ev, scores))
         image = amap = seg = None
         notes = []
         if frame is not None:
@@ -527,66 +505,15 @@ class LineView:
         rej.note = "; ".join(notes)
         rej.resolved = True
 
-    def _scan(
-        self, stream: str, lo_ms: int, hi_ms: int, want: tuple[str, str, int], limit: int
-    ) -> Any:
-        """The fields of the first entry of ``stream`` between the two times whose message
-        is for frame ``want``, looking at no more than ``limit`` entries."""
-        assert self.bus is not None
-        key = self.bus.key(stream)  # type: ignore[arg-type]
-        start = f"{max(0, lo_ms)}-0"
-        seen = 0
-        page = min(100, max(1, limit))
-        while seen < limit:
-            rows: Any = self.client.xrange(key, min=start, max=f"{max(0, hi_ms)}", count=page)
-            for _entry_id, fields in rows or ():
-                if _peek(fields) == want:
-                    return fields
-            seen += len(rows or ())
-            if not rows or len(rows) < page:
-                return None
-            start = "(" + _text(rows[-1][0])
-        return None
-
     def find_scores(self, ev: Event) -> Scores | None:
-        """The scores message of ``ev``'s frame, by time range around when infer wrote it."""
+        """The scores message of ``ev``'s frame (``lineguard.stream.lookup``)."""
         assert self.bus is not None
-        want = (ev.line, ev.camera, ev.seq)
-        lat = ev.latency
-        t_capture_ms = int(ev.t_capture * 1000)
-        t_event_ms = int(ev.t_event * 1000)
-        windows = []
-        if "decide" in lat and "handoff" in lat:
-            t_scored_ms = int((ev.t_event - lat["decide"] - lat["handoff"]) * 1000)
-            windows.append((t_scored_ms - 20, t_event_ms + 2000, 500))
-        windows.append((t_capture_ms - 5000, t_event_ms + 5000, self.cfg.scan_limit))
-        for lo, hi, limit in windows:
-            fields = self._scan("scores", lo, hi, want, limit)
-            if fields is not None:
-                try:
-                    return decode_scores(fields.get(ENTRY_FIELD), self.bus.limits)
-                except ProtocolError:
-                    return None
-        return None
+        return find_scores(self.bus, ev, scan_limit=self.cfg.scan_limit)
 
     def find_frame(self, ev: Event, t_queued: float | None) -> Frame | None:
         """The frame itself, if the bounded frames stream still has it."""
         assert self.bus is not None
-        want = (ev.line, ev.camera, ev.seq)
-        windows = []
-        if t_queued:
-            ms = round(t_queued * 1000)
-            windows.append((ms - 1, ms + 1, 200))
-        t_capture_ms = int(ev.t_capture * 1000)
-        windows.append((t_capture_ms - 1000, int(ev.t_event * 1000), self.cfg.frame_scan_limit))
-        for lo, hi, limit in windows:
-            fields = self._scan("frames", lo, hi, want, limit)
-            if fields is not None:
-                try:
-                    return decode_frame(fields.get(ENTRY_FIELD), self.bus.limits)
-                except ProtocolError:
-                    return None
-        return None
+        return find_frame(self.bus, ev, t_queued, scan_limit=self.cfg.frame_scan_limit)
 
     def image(self, camera: str, seq: int, kind: str) -> Picture | None:
         """An encoded picture of a reject, from the cache (None: not there)."""
