@@ -1,6 +1,7 @@
 """``lineguard bench``: benchmarks that print a table and write JSON — the model alone per
 runtime and batch (``model``), the patch-bank search (``knn``), the whole line through Redis
-(``e2e``) and a long run at a fixed rate (``soak``)."""
+(``e2e``), a long run at a fixed rate (``soak``), the verdict history's throughput and
+outage recovery (``history``) and the operators' corrections fed back (``feedback``)."""
 
 from __future__ import annotations
 
@@ -312,3 +313,54 @@ def bench_chaos_cmd(
         for problem in result["problems"]:
             err_console.print(f"[red]chaos:[/red] {problem}", highlight=False)
         raise typer.Exit(code=1)
+
+
+@app.command("feedback")
+@friendly_errors
+def bench_feedback_cmd(
+    data_dir: Annotated[Path, typer.Argument(metavar="DATA", help="The bundle's dataset.")],
+    bundle_dir: Annotated[Path, typer.Argument(metavar="BUNDLE", help="The first bundle.")],
+    work: Annotated[
+        Path, typer.Option(metavar="DIR", help="Where the variant, history and new bundle go.")
+    ] = Path(".lineguard/bench-feedback"),
+    n: Annotated[int, typer.Option(metavar="N", help="False rejects marked good.")] = 8,
+    defects: Annotated[int, typer.Option(metavar="N", help="Rejects marked defect.")] = 10,
+    shift: Annotated[
+        int, typer.Option(metavar="GREY", help="The new lighting: brighter by this much.")
+    ] = 35,
+    json_path: JsonOpt = None,
+) -> None:
+    """False-reject rate on a new kind of good part before and after feeding back N marked
+    frames through the history and 'refit --feedback'; confirmed defects still rejected."""
+    from lineguard.stream.tools.bench_feedback import feedback_bench
+
+    load_settings({}, quiet=True)
+    result = feedback_bench(
+        data_dir,
+        bundle_dir,
+        work,
+        n_feedback=n,
+        n_defects=defects,
+        shift=shift,
+        say=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False),
+    )
+    table = Table(title=f"feedback: {result['n_feedback_good']} good, "
+                  f"{result['n_feedback_defects']} defect marks (lighting +{shift})")  # fmt: skip
+    table.add_column("images")
+    table.add_column("n", justify="right")
+    table.add_column("rejected before", justify="right")
+    table.add_column("rejected after", justify="right")
+    for name, count in result["images"].items():
+        table.add_row(
+            name.replace("_", " "),
+            str(count),
+            f"{100 * result['rejected_before'][name]:.1f} %",
+            f"{100 * result['rejected_after'][name]:.1f} %",
+        )
+    console.print(table)
+    console.print(
+        f"confirmed defects still rejected: {result['confirmed_defects_rejected_after']} of "
+        f"{result['n_feedback_defects']}; refit took {result['refit_s']} s",
+        highlight=False,
+    )
+    write_json(json_path, result)

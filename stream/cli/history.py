@@ -8,7 +8,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,6 +25,8 @@ from lineguard.stream.cli.options import (
     CameraOpt,
     ConsumerOpt,
     FormatOpt,
+    HistoryDirOpt,
+    HistoryUrlOpt,
     LineOpt,
     MetricsPortOpt,
 )
@@ -37,27 +39,6 @@ app = typer.Typer()
 _FRAME_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/\d+$")
 _AGO_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-HistoryUrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--history-url",
-        metavar="URL",
-        help="postgresql://… or sqlite:///PATH; unset = SQLite in --history-dir.",
-        envvar="LINEGUARD_HISTORY__URL",
-        show_envvar=True,
-    ),
-]
-HistoryDirOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--history-dir",
-        metavar="DIR",
-        help="SQLite file and reject images.",
-        envvar="LINEGUARD_HISTORY__DIR",
-        show_envvar=True,
-    ),
-]
 
 
 def parse_when(text: str | None, now: float | None = None) -> float | None:
@@ -167,7 +148,9 @@ def history(
         export_format(export)
     t0, t1 = parse_when(since), parse_when(until)
     store = open_history(history_url, history_dir)
-    filters = {"since": t0, "until": t1, "camera": camera, "verdict": verdict, "model": model}
+    filters: dict[str, Any] = {
+        "since": t0, "until": t1, "camera": camera, "verdict": verdict, "model": model
+    }  # fmt: skip
     with store:
         if export is not None:
             rows_iter = store.iter_rows(**filters, mark=mark, limit=limit)

@@ -325,10 +325,20 @@ def dashboard(
     window: Annotated[
         float, typer.Option(metavar="MIN", help="Minutes of history in the charts.")
     ] = 10.0,
+    history: Annotated[
+        bool | None,
+        typer.Option(
+            "--history/--no-history",
+            help="Shift counts and reject marks from the verdict history (default: when one "
+            "is configured).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a live web page of the line: verdicts, throughput, latency, queues, rejects.
 
-    Reads the bus only (no consumer group), so the page never slows the line down.
+    Reads the bus only (no consumer group), so the page never slows the line down. With a
+    verdict history, the shift's counts come from it and operators can mark rejects.
     """
     from lineguard.stream.dashboard import DashboardConfig, DashboardServer, check_binding
     from lineguard.stream.worker import StopFlag, signals_stop
@@ -345,6 +355,7 @@ def dashboard(
         token=token,
         prefix=prefix,
         config=DashboardConfig(window_s=window * 60),
+        history=history,
     )
     stop = StopFlag()
     with signals_stop(stop), server:

@@ -13,10 +13,17 @@ of the dashboard does not grow with the number of people looking at it.
 Where the frames stream has already trimmed a reject's frame (it is bounded by MAXLEN), the
 reject is shown with its map and segmentation, and ``frame: false`` tells the page to say
 "frame no longer available".
+
+With a verdict history (``history``), the shift's counts and reject rate come from it (every
+verdict since the shift began, however many the capped events stream still holds), the
+gallery shows each reject's operator mark, and ``mark()`` records a new one. The history is
+read in the same background thread every ``history_every_s``; a history that is down only
+blanks the shift panel, with the reason.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import random
@@ -32,8 +39,10 @@ import numpy as np
 import redis
 import structlog
 
+from lineguard.engines.errors import ConfigError
 from lineguard.stream.bus import Bus, GroupStats
 from lineguard.stream.dashboard.images import IMAGE_KINDS, ImageCache, Picture, render_reject
+from lineguard.stream.history.store import HistoryStore, HistoryUnavailable
 from lineguard.stream.lookup import find_frame, find_scores, queued_at
 from lineguard.stream.protocol import (
     ENTRY_FIELD,
@@ -89,6 +98,8 @@ class DashboardConfig:
     large_side: int = 512
     cache_items: int = 512
     cache_bytes: int = 32 * 1024 * 1024
+    history_every_s: float = 5.0
+    """How often the shift's counts and the gallery's marks are read from the history."""
 
 
 def has_glob(pattern: str) -> bool:
@@ -115,6 +126,23 @@ def _num(value: float | None, digits: int = 3) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return round(float(value), digits)
+
+
+def shift_start(now: float, starts: tuple[str, ...]) -> float:
+    """When the shift running at ``now`` began: the latest of the local ``HH:MM`` starts at
+    or before ``now``, today or (before today's first) yesterday."""
+    day = dt.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    best: float | None = None
+    for back in (0, 1):
+        base = day - dt.timedelta(days=back)
+        for item in starts:
+            hh, mm = (int(x) for x in item.split(":"))
+            t = (base + dt.timedelta(hours=hh, minutes=mm)).timestamp()
+            if t <= now and (best is None or t > best):
+                best = t
+        if best is not None:
+            return best
+    return now
 
 
 def discover_prefix(client: redis.Redis, pattern: str, line: str) -> str | None:
@@ -194,6 +222,7 @@ class Reject:
     seg: bool = False
     kinds: tuple[str, ...] = ()
     note: str = ""
+    mark: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         ev = self.event
@@ -217,6 +246,7 @@ class Reject:
             "seg": self.seg,
             "images": {k: f"api/image/{ev.camera}/{ev.seq}/{k}" for k in self.kinds},
             "note": self.note,
+            "mark": self.mark,
         }
 
 
@@ -240,8 +270,14 @@ class LineView:
         line: str | None = None,
         config: DashboardConfig | None = None,
         clock: Callable[[], float] = time.time,
+        history: HistoryStore | None = None,
     ) -> None:
         self.client = client
+        self.history = history
+        self._history_lock = threading.Lock()  # one connection, two threads (view, HTTP)
+        self._next_history = 0.0
+        self.shift: dict[str, Any] | None = None
+        self.marks: dict[str, str] = {}
         self.settings = settings
         self.pattern = prefix or settings.redis.key_prefix
         self.line = line or settings.line.id
@@ -325,6 +361,9 @@ class LineView:
                     self._read_workers(now)
                 self._resolve_rejects()
                 self.error = None
+            if self.history is not None and now >= self._next_history:
+                self._next_history = now + self.cfg.history_every_s
+                self._read_history(now)
             else:
                 self.error = (
                     f"no streams of line {self.line!r} under prefix {self.pattern!r} yet; "
@@ -455,6 +494,44 @@ class LineView:
                 "age_s": _num(now - t, 1) if isinstance(t, int | float) else None,
             })  # fmt: skip
         self.workers = out
+
+    # the history -------------------------------------------------------------------
+
+    def _read_history(self, now: float) -> None:
+        assert self.history is not None
+        start = shift_start(now, self.settings.history.shift_starts)
+        keys = [r.event.key for r in self.rejects]
+        try:
+            with self._history_lock:
+                counts = self.history.counts(since=start)
+                marks = self.history.marks(keys) if keys else {}
+        except HistoryUnavailable as exc:
+            self.shift = {"start": _num(start), "source": "history", "error": _clip(str(exc))}
+            return
+        total = sum(counts.values())
+        self.shift = {
+            "start": _num(start),
+            "source": "history",
+            "counts": {**{v: counts.get(v, 0) for v in VERDICTS}, "total": total},
+            "reject_rate": _num(counts.get("fail", 0) / total, 5) if total else None,
+            "error": None,
+        }
+        self.marks = marks
+        for rej in self.rejects:
+            rej.mark = marks.get(rej.event.key)
+
+    def mark(self, key: str, mark: str) -> None:
+        """Record an operator's mark on a frame of this line (raises ``HistoryUnavailable``
+        or ``ConfigError``; the caller says so to the page)."""
+        if self.history is None:
+            raise ConfigError("this dashboard has no history to keep marks in")
+        with self._history_lock:
+            self.history.mark(key, mark, source="dashboard")
+        self.marks[key] = mark
+        for rej in self.rejects:
+            if rej.event.key == key:
+                rej.mark = mark
+        self._publish()
 
     # rejects -----------------------------------------------------------------------
 
@@ -611,5 +688,7 @@ class LineView:
                 "lag_scores": lag_s,
             },
             "rejects": [r.to_json() for r in reversed(self.rejects) if r.resolved],
+            "shift": self.shift,
+            "marks": self.history is not None,
             "ignored": {"unreadable": self.bad_entries, "duplicates": self.duplicates},
         }

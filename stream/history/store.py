@@ -36,7 +36,7 @@ from lineguard.stream.history.rows import (
     VERDICT_COLUMNS,
     HistoryRow,
 )
-from lineguard.stream.settings import HistorySettings, redacted_url
+from lineguard.stream.settings import HistorySettings, Settings, redacted_url
 
 log = structlog.get_logger("lineguard.history")
 
@@ -141,7 +141,7 @@ class HistoryStore:
         if self.dialect == "sqlite":
             assert self.path is not None
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
+            conn: Any = sqlite3.connect(
                 str(self.path), timeout=self.connect_timeout_s, check_same_thread=False
             )
             conn.execute("PRAGMA journal_mode=WAL")
@@ -424,6 +424,14 @@ class HistoryStore:
             for table in (self.verdicts, self.marks_table):
                 cur.execute(f"DROP TABLE IF EXISTS {table}")
         self._schema_ready = False
+        self.close()  # the next use connects afresh and creates the tables again
+
+
+def history_configured(settings: Settings) -> bool:
+    """True when this machine has a history to read: a URL is set, or the default SQLite
+    file exists (the history worker creates it)."""
+    h = settings.history
+    return h.url is not None or (h.dir / SQLITE_FILE).is_file()
 
 
 def rows_json(rows: Sequence[HistoryRow]) -> str:

@@ -169,7 +169,7 @@ def test_row_keeps_what_the_event_says_and_drops_non_finite_numbers() -> None:
 def test_store_writes_a_frame_key_once_and_keeps_marks(store: HistoryStore) -> None:
     rows = [row_from_event(event(i)) for i in range(50)]
     assert store.insert(rows) == 50
-    assert store.insert(rows[10:30] + [row_from_event(event(50))]) == 1  # only seq 50 is new
+    assert store.insert([*rows[10:30], row_from_event(event(50))]) == 1  # only seq 50 is new
     assert store.count() == 51
     expected = Counter(VERDICT_CYCLE[i % len(VERDICT_CYCLE)] for i in range(51))
     assert store.counts() == dict(expected)
