@@ -323,7 +323,9 @@ def bench_feedback_cmd(
     work: Annotated[
         Path, typer.Option(metavar="DIR", help="Where the variant, history and new bundle go.")
     ] = Path(".lineguard/bench-feedback"),
-    n: Annotated[int, typer.Option(metavar="N", help="False rejects marked good.")] = 8,
+    n: Annotated[
+        str, typer.Option(metavar="N,…", help="False rejects marked good, one refit each.")
+    ] = "4,8,16",
     defects: Annotated[int, typer.Option(metavar="N", help="Rejects marked defect.")] = 10,
     shift: Annotated[
         int, typer.Option(metavar="GREY", help="The new lighting: brighter by this much.")
@@ -339,28 +341,43 @@ def bench_feedback_cmd(
         data_dir,
         bundle_dir,
         work,
-        n_feedback=n,
+        n_feedback=tuple(split_list(n, int)),
         n_defects=defects,
         shift=shift,
         say=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False),
     )
-    table = Table(title=f"feedback: {result['n_feedback_good']} good, "
-                  f"{result['n_feedback_defects']} defect marks (lighting +{shift})")  # fmt: skip
-    table.add_column("images")
-    table.add_column("n", justify="right")
-    table.add_column("rejected before", justify="right")
-    table.add_column("rejected after", justify="right")
-    for name, count in result["images"].items():
+    before = result["rejected_before"]
+    table = Table(title=f"feedback from the line (new lighting: +{shift} grey levels)")
+    for col in (
+        "marked good",
+        "FRR new lighting (held out)",
+        "FRR usual goods",
+        "defects rejected",
+        "new-lighting defects rejected",
+        "confirmed defects kept",
+    ):
+        table.add_column(col, justify="right")  # fmt: skip
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f} %"
+
+    table.add_row(
+        "0 (first bundle)",
+        pct(before["new_lighting_goods_held_out"]),
+        pct(before["usual_goods"]),
+        pct(before["defects"]),
+        pct(before["new_lighting_defects"]),
+        "-",
+    )
+    for r in result["rounds"]:
+        a = r["rejected_after"]
         table.add_row(
-            name.replace("_", " "),
-            str(count),
-            f"{100 * result['rejected_before'][name]:.1f} %",
-            f"{100 * result['rejected_after'][name]:.1f} %",
+            str(r["n_feedback_good"]),
+            pct(a["new_lighting_goods_held_out"]),
+            pct(a["usual_goods"]),
+            pct(a["defects"]),
+            pct(a["new_lighting_defects"]),
+            f"{r['confirmed_defects_rejected_after']} of {r['n_feedback_defects']}",
         )
     console.print(table)
-    console.print(
-        f"confirmed defects still rejected: {result['confirmed_defects_rejected_after']} of "
-        f"{result['n_feedback_defects']}; refit took {result['refit_s']} s",
-        highlight=False,
-    )
     write_json(json_path, result)

@@ -361,14 +361,14 @@ class LineView:
                     self._read_workers(now)
                 self._resolve_rejects()
                 self.error = None
-            if self.history is not None and now >= self._next_history:
-                self._next_history = now + self.cfg.history_every_s
-                self._read_history(now)
             else:
                 self.error = (
                     f"no streams of line {self.line!r} under prefix {self.pattern!r} yet; "
                     "waiting for the pipeline to write"
                 )
+            if self.history is not None and now >= self._next_history:
+                self._next_history = now + self.cfg.history_every_s
+                self._read_history(now)
         except (redis.RedisError, OSError) as exc:
             error = f"cannot read the bus: {type(exc).__name__}: {_clip(str(exc), 160)}"
             if error != self.error:  # once per outage, not every tick

@@ -5,9 +5,10 @@ made brighter by ``shift`` grey levels), so the bundle rejects many of them. The
 mark some of those rejects "good part" and some real rejects "confirmed defect"; the marks and
 the pictures go through the history as the line's would (rows, archive, marks, then
 ``collect_feedback``), and ``refit_bundle(extra_good=…, check_bad=…)`` builds the next version.
-Reported, before and after: the false-reject rate on the *other* new-lighting goods (never fed
-back), on the usual goods, the share of defects rejected (usual and new lighting), and how
-many of the confirmed defects the new bundle still rejects.
+Reported, before and after, for each N (a fresh history and refit per N): the false-reject
+rate on the *other* new-lighting goods (never fed back), on the usual goods, the share of
+defects rejected (usual and new lighting), and how many of the confirmed defects and of the
+fed-back frames themselves the new bundle rejects.
 
 Scoring goes through the bundle's frame codec, as ``lineguard evaluate`` and the line do.
 Training code is imported inside the function (tools may use it; the line never does).
@@ -60,13 +61,12 @@ def feedback_bench(
     bundle_dir: Path,
     work_dir: Path,
     *,
-    n_feedback: int = 8,
+    n_feedback: tuple[int, ...] = (4, 8, 16),
     n_defects: int = 10,
     shift: int = 35,
     say: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     from lineguard.offline.datasets import load_image, open_dataset
-    from lineguard.offline.refit import refit_bundle
 
     bundle = load_bundle(bundle_dir)
     size, codec = bundle.config.input_size, bundle.config.codec
@@ -74,8 +74,8 @@ def feedback_bench(
     goods = [s for s in dataset.test if s.label == 0]
     bads = [s for s in dataset.test if s.label != 0]
     half = len(goods) // 2
-    if half < n_feedback or not bads:
-        raise ValueError(f"{data_dir} needs ≥ {2 * n_feedback} test goods and some defects")
+    if half < max(n_feedback) or not bads:
+        raise ValueError(f"{data_dir} needs ≥ {2 * max(n_feedback)} test goods and some defects")
     raw_goods = [load_image(s.path, size) for s in goods]
     raw_bads = [load_image(s.path, size) for s in bads]
     variant_dir = work_dir / "variant"
@@ -102,16 +102,50 @@ def feedback_bench(
     before, thr0 = _score(bundle_dir, groups)
     say(f"first bundle scored in {time.perf_counter() - t0:.1f} s")
 
-    # the line's history: the first bundle's rejects, with their pictures, then the marks
-    store = HistoryStore(None, directory=work_dir / "history", table_prefix="bench")
+    rows_out = []
+    for n in n_feedback:
+        rows_out.append(
+            _one_round(
+                n, n_defects, data_dir, bundle_dir, work_dir / f"n{n}", groups, before, thr0,
+                bundle.version, codec, say,
+            )
+        )  # fmt: skip
+    return {
+        "bundle": bundle.version,
+        "shift": shift,
+        "images": {k: len(v) for k, v in groups.items()},
+        "threshold_before": round(thr0, 4),
+        "rejected_before": _rates(before, thr0),
+        "rounds": rows_out,
+    }
+
+
+def _one_round(
+    n: int,
+    n_defects: int,
+    data_dir: Path,
+    bundle_dir: Path,
+    work: Path,
+    groups: dict[str, np.ndarray],
+    before: dict[str, np.ndarray],
+    thr0: float,
+    version: str,
+    codec: Any,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Mark ``n`` false rejects good and ``n_defects`` rejects defect in a fresh history,
+    refit from it, and score everything with the new bundle."""
+    from lineguard.offline.refit import refit_bundle
+
+    store = HistoryStore(None, directory=work / "history", table_prefix="bench")
     store.drop()
-    archive = ImageArchive(work_dir / "history" / "images", max_days=365, max_bytes=1 << 40)
-    fed_rejects = np.flatnonzero(before["new_lighting_goods_fed"] > thr0)[:n_feedback]
+    archive = ImageArchive(work / "history" / "images", max_days=365, max_bytes=1 << 40)
+    fed_rejects = np.flatnonzero(before["new_lighting_goods_fed"] > thr0)[:n]
     defect_rejects = np.flatnonzero(before["defects"] > thr0)[:n_defects]
     rows = []
+    marks: list[tuple[str, str]] = []
     now = time.time()
     seq = 0
-    marks: list[tuple[str, str]] = []
     for group, idx, mark in (
         ("new_lighting_goods_fed", fed_rejects, "good"),
         ("defects", defect_rejects, "defect"),
@@ -122,9 +156,8 @@ def feedback_bench(
                 "bench", "cam0", seq, img, encoding=codec.encoding,
                 jpeg_quality=codec.jpeg_quality, t_capture=now,
             )  # fmt: skip
-            score = float(before[group][int(i)])
-            ev = Event("bench", "cam0", seq, "fail", score, thr0, {}, bundle.version,
-                       {"total": 0.0}, "", now, now)  # fmt: skip
+            ev = Event("bench", "cam0", seq, "fail", float(before[group][int(i)]), thr0, {},
+                       version, {"total": 0.0}, "", now, now)  # fmt: skip
             rows.append(row_from_event(ev, image=archive.save_frame(frame)))
             marks.append((ev.key, mark))
             seq += 1
@@ -133,23 +166,21 @@ def feedback_bench(
         store.mark(key, mark, source="bench")
     fb = collect_feedback(store, archive.root)
     store.close()
-    say(f"feedback: {len(fb.good)} good, {len(fb.defects)} defect; refitting")
+    say(f"N={n}: feedback {len(fb.good)} good, {len(fb.defects)} defect; refitting")
     t1 = time.perf_counter()
-    new_dir = work_dir / "bundle-feedback"
-    refit_bundle(bundle_dir, data_dir, new_dir, extra_good=fb.good, check_bad=fb.defects, log=say)
+    new_dir = work / "bundle"
+    refit_bundle(bundle_dir, data_dir, new_dir, extra_good=fb.good, check_bad=fb.defects)
     refit_s = time.perf_counter() - t1
     after, thr1 = _score(new_dir, groups)
-    confirmed_after = int((after["defects"][defect_rejects] > thr1).sum())
     return {
-        "bundle": bundle.version,
-        "refit_bundle": load_bundle(new_dir).version,
-        "shift": shift,
         "n_feedback_good": len(fb.good),
         "n_feedback_defects": len(fb.defects),
-        "images": {k: len(v) for k, v in groups.items()},
-        "threshold": {"before": round(thr0, 4), "after": round(thr1, 4)},
-        "rejected_before": _rates(before, thr0),
+        "refit_bundle": load_bundle(new_dir).version,
+        "threshold_after": round(thr1, 4),
         "rejected_after": _rates(after, thr1),
-        "confirmed_defects_rejected_after": confirmed_after,
+        "fed_frames_rejected_after": int(
+            (after["new_lighting_goods_fed"][fed_rejects] > thr1).sum()
+        ),
+        "confirmed_defects_rejected_after": int((after["defects"][defect_rejects] > thr1).sum()),
         "refit_s": round(refit_s, 1),
     }

@@ -78,7 +78,9 @@ def test_every_help_fits_an_80_column_terminal(command: list[str]) -> None:
     for var in re.findall(r"LINEGUARD_\w+", text):
         assert var.rstrip("_").count("__") == 1, (var, result.output)  # not cut at a wrap
         section = var.split("__")[0].removeprefix("LINEGUARD_").lower()
-        assert section in {"line", "infer", "ingest", "metrics", "log", "redis", "dashboard"}
+        assert section in {
+            "line", "infer", "ingest", "metrics", "log", "redis", "dashboard", "history"
+        }
 
 
 @pytest.mark.parametrize(
