@@ -381,3 +381,55 @@ def bench_feedback_cmd(
         )
     console.print(table)
     write_json(json_path, result)
+
+
+@app.command("history")
+@friendly_errors
+def bench_history_cmd(
+    backend: Annotated[
+        str, typer.Option(metavar="sqlite|postgresql", help="Where the history is kept.")
+    ] = "sqlite",
+    rows: Annotated[int, typer.Option(metavar="N", help="Events for the throughput run.")] = 20_000,
+    rate: Annotated[
+        float, typer.Option(metavar="EPS", help="Events per second during the outage run.")
+    ] = 50.0,
+    outage: Annotated[float, typer.Option(metavar="S", help="Seconds the DB is down.")] = 60.0,
+    pg_url: Annotated[
+        str | None,
+        typer.Option(metavar="URL", help="PostgreSQL for the throughput run (default: throwaway)."),
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Rows per second the verdict history sustains, then the lag after a database outage,
+    the catch-up time, and whether history and stream still hold the same verdicts."""
+    from lineguard.stream.tools.bench_history import history_bench
+
+    if backend not in ("sqlite", "postgresql"):
+        raise typer.BadParameter("use sqlite or postgresql", param_hint="--backend")
+    settings = load_settings({}, quiet=True)
+    r = history_bench(
+        settings,
+        backend=backend,
+        pg_url=pg_url,
+        rows=rows,
+        rate=rate,
+        outage_s=outage,
+        say=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False),
+    )
+    t, o = r["throughput"], r["outage"]
+    console.print(
+        f"history on {r['where']}: {t['rows_per_s']:.0f} rows/s ({t['stored']} rows in "
+        f"{t['seconds']:.1f} s, batches of {t['batch']})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"outage of {o['outage_s']:g} s at {o['rate_per_s']:g} events/s ({o['method']}): lag "
+        f"{o['lag_when_back']} when back, caught up in {o['catch_up_s']} s; {o['events']} "
+        f"events, missing {o['missing']}, extra {o['extra']}, counts equal: {o['ok']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    write_json(json_path, r)
+    if not (t["ok"] and o["ok"]):
+        raise typer.Exit(code=1)

@@ -79,7 +79,14 @@ def test_every_help_fits_an_80_column_terminal(command: list[str]) -> None:
         assert var.rstrip("_").count("__") == 1, (var, result.output)  # not cut at a wrap
         section = var.split("__")[0].removeprefix("LINEGUARD_").lower()
         assert section in {
-            "line", "infer", "ingest", "metrics", "log", "redis", "dashboard", "history"
+            "line",
+            "infer",
+            "ingest",
+            "metrics",
+            "log",
+            "redis",
+            "dashboard",
+            "history",
         }
 
 
