@@ -214,7 +214,10 @@ def health(
         workers = health_report(bus)
         epoch = bus.current_epoch()
         queues = {}
-        for stream, group in (("frames", settings.infer.group), ("scores", settings.decide.group)):
+        pairs = [("frames", settings.infer.group), ("scores", settings.decide.group)]
+        if bus.group_stats("events", settings.history.group) is not None:
+            pairs.append(("events", settings.history.group))  # the history worker's backlog
+        for stream, group in pairs:
             st = bus.group_stats(stream, group)  # type: ignore[arg-type]
             queues[stream] = (
                 None

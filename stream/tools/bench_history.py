@@ -19,6 +19,7 @@ this process (its own Redis client, like a process of its own):
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 import time
@@ -172,6 +173,7 @@ def history_bench(
                         store.close()
                     delete_prefix(client, prefix)
                     client.close()
+                    shutil.rmtree(hdir, ignore_errors=True)
         result["where"] = {"postgresql": "throwaway PostgreSQL (pg_ctl) on 127.0.0.1"}.get(
             backend, "SQLite file (WAL, synchronous=FULL)"
         )

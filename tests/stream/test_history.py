@@ -470,3 +470,33 @@ def test_feedback_and_history_commands(tmp_path: Path) -> None:
         != 0
     )
     store.close()
+
+
+def test_health_shows_the_history_worker_and_its_backlog(
+    bus: Bus, redis_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(bus, redis_url, tmp_path, None)
+    env = {
+        "LINEGUARD_REDIS__URL": redis_url,
+        "LINEGUARD_REDIS__KEY_PREFIX": bus.prefix,
+        "LINEGUARD_LINE__ID": bus.line,
+    }
+    runner = CliRunner()
+    r = runner.invoke(app, ["health", "--stage", "history", "--format", "json"], env=env)
+    assert r.exit_code == 1 and json.loads(r.output.splitlines()[0])["missing"] == ["history"]
+    push(bus, [event(i) for i in range(20)])
+    with Worker(settings):
+        wait_until(lambda: history_lag(bus, settings) == 0, 20, "rows")
+
+        def beat_written() -> int:
+            beats = [h for h in health_report(bus) if h.get("stage") == "history"]
+            return int(beats[0]["counts"]["written"]) if beats else -1
+
+        wait_until(lambda: beat_written() == 20, 5, "a heartbeat after the commit")
+        r = runner.invoke(app, ["health", "--stage", "history", "--format", "json"], env=env)
+        assert r.exit_code == 0, r.output
+        report = json.loads(r.output)
+        assert report["queues"]["events"]["group"] == "history"
+        assert report["queues"]["events"]["lag"] == 0
+        worker = next(w for w in report["workers"] if w["stage"] == "history")
+        assert worker["db"] == "up" and worker["counts"]["written"] == 20
