@@ -418,13 +418,14 @@ def bench_history_cmd(
     )
     t, o = r["throughput"], r["outage"]
     console.print(
-        f"history on {r['where']}: {t['rows_per_s']:.0f} rows/s ({t['stored']} rows in "
+        f"history at {t['history']}: {t['rows_per_s']:.0f} rows/s ({t['stored']} rows in "
         f"{t['seconds']:.1f} s, batches of {t['batch']})",
         highlight=False,
         soft_wrap=True,
     )
     console.print(
-        f"outage of {o['outage_s']:g} s at {o['rate_per_s']:g} events/s ({o['method']}): lag "
+        f"outage of {o['outage_s']:g} s at {o['rate_per_s']:g} events/s, {o['history']} "
+        f"({o['method']}): lag "
         f"{o['lag_when_back']} when back, caught up in {o['catch_up_s']} s; {o['events']} "
         f"events, missing {o['missing']}, extra {o['extra']}, counts equal: {o['ok']}",
         highlight=False,

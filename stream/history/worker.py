@@ -160,8 +160,16 @@ class HistoryStage:
 
     def _row(self, entry: Entry) -> HistoryRow | None:
         """The row of one entry, None for an entry that is gone or was dead-lettered."""
-        if entry.deleted:
-            return None  # trimmed while pending: counted by the reclaimer / replay; acked
+        if entry.deleted:  # trimmed while it was pending here: the verdict is gone for good
+            self.counts["trimmed"] += 1
+            self.metrics.trimmed.labels("history").inc()
+            log.warning(
+                "history.event_trimmed",
+                entry_id=entry.id,
+                note="the events stream dropped it before the history committed it; raise "
+                "LINEGUARD_DECIDE__EVENTS_MAX_LEN to ride out longer outages",
+            )
+            return None
         try:
             ev = decode_event(entry.data, self.bus.limits)
         except ProtocolError as exc:

@@ -174,9 +174,6 @@ def history_bench(
                     delete_prefix(client, prefix)
                     client.close()
                     shutil.rmtree(hdir, ignore_errors=True)
-        result["where"] = {"postgresql": "throwaway PostgreSQL (pg_ctl) on 127.0.0.1"}.get(
-            backend, "SQLite file (WAL, synchronous=FULL)"
-        )
         return result
     finally:
         if pg is not None:
@@ -195,6 +192,7 @@ def _throughput(
         elapsed = time.perf_counter() - t0
     stored = store.count()
     return {
+        "history": store.where,
         "rows": rows,
         "stored": stored,
         "seconds": round(elapsed, 3),
@@ -268,6 +266,7 @@ def _outage(
     stored = store.counts()
     stored_keys = {r.frame_key for r in store.iter_rows()}
     return {
+        "history": store.where,
         "rate_per_s": rate,
         "outage_s": outage_s,
         "method": "pg_ctl stop -m immediate / start"
