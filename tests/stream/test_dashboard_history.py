@@ -23,6 +23,7 @@ from lineguard.stream.protocol import Event
 from lineguard.stream.settings import Settings
 from tests.stream.pipeline_helpers import wait_until
 from tests.stream.test_dashboard import _messages
+from tests.stream.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
 
 FAST = DashboardConfig(tick_s=0.1, queue_every_s=0.2, workers_every_s=0.5, history_every_s=0.2)
 
@@ -137,3 +138,43 @@ def test_shift_start_is_the_latest_start_before_now() -> None:
     assert shift_start(at(14), starts) == at(14)
     assert shift_start(at(23, 59), starts) == at(22)
     assert shift_start(at(3), starts) == at(-2)  # the night shift began yesterday
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed: apt-get install -y chromium")
+def test_an_operator_marks_a_reject_in_chromium(bus: Bus, redis_url: str, tmp_path: Path) -> None:
+    """The buttons as an operator uses them: open a reject, press "good part", see it saved."""
+    from playwright.sync_api import expect, sync_playwright
+
+    s = settings(bus, redis_url, tmp_path / "h")
+    store = HistoryStore.from_settings(s.history)
+    store.insert([row_from_event(e) for e in old_events(8)])
+    _messages(bus, 0)
+    token = "browser-mark-token-77"
+    errors: list[str] = []
+    with (
+        DashboardServer(s, url=redis_url, port=0, token=token, config=FAST) as server,
+        sync_playwright() as pw,
+    ):
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{server.url}?token={token}")
+            expect(page.locator("#shift")).to_contain_text("8 inspected", timeout=15_000)
+            expect(page.locator("#shift")).to_contain_text("reject rate 25.00 %")
+            card = page.locator(".reject").first
+            expect(card).to_be_visible(timeout=15_000)
+            key = card.get_attribute("data-key")
+            card.click()
+            page.click("#mark-good")
+            expect(page.locator("#mark-status")).to_have_text("saved: good part", timeout=5_000)
+            assert key is not None and store.marks([key]) == {key: "good"}
+            expect(card.locator(".mark")).to_have_text("marked good part", timeout=5_000)
+            page.click("#mark-defect")
+            expect(page.locator("#mark-status")).to_have_text("saved: confirmed defect")
+            assert store.marks([key]) == {key: "defect"}
+        finally:
+            browser.close()
+    store.close()
+    assert not errors, errors
