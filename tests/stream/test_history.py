@@ -500,3 +500,42 @@ def test_health_shows_the_history_worker_and_its_backlog(
         assert report["queues"]["events"]["lag"] == 0
         worker = next(w for w in report["workers"] if w["stage"] == "history")
         assert worker["db"] == "up" and worker["counts"]["written"] == 20
+
+
+def test_a_real_line_fills_the_history_with_pictures_of_its_rejects(
+    bus: Bus, redis_url: str, tmp_path: Path
+) -> None:
+    """ingest → infer (with maps) → decide → history, all real: every verdict kept, each
+    reject with its frame and anomaly map on disk."""
+    from lineguard.stream.run import LocalPipeline
+    from lineguard.stream.tools.replay import replay
+    from tests.stream.pipeline_helpers import SIZE, split_bundle, write_folder
+    from tests.stream.pipeline_helpers import settings_for as line_settings
+
+    base = line_settings(bus, redis_url)
+    settings = base.model_copy(
+        update={
+            "history": base.history.model_copy(
+                update={"dir": tmp_path / "history", "max_delay_ms": 20, "block_ms": 200}
+            )
+        }
+    )
+    labels = write_folder(tmp_path / "frames", lambda i: i % 4 == 1, 16)
+    split = split_bundle()
+    with (
+        LocalPipeline(settings, redis_url, split.path, runtime="onnxruntime", maps=True),
+        Worker(settings) as w,
+    ):
+        summary = replay(settings, str(tmp_path / "frames"), size=SIZE, timeout_s=60)
+        assert summary.ok, summary.to_json()
+        wait_until(lambda: w.stage.store.count() == 16, 20, "all verdicts in the history")
+    store = HistoryStore.from_settings(settings.history)
+    assert store.counts() == dict(stream_counts(bus)) == {"pass": 12, "fail": 4}
+    archive = ImageArchive(settings.history.dir / "images", max_days=1, max_bytes=1 << 30)
+    fails = store.query(verdict="fail")
+    assert [r.seq for r in fails] == [i for i, bad in enumerate(labels) if bad]
+    for r in fails:
+        assert r.image and r.map and r.model == split.version and r.score is not None
+        assert archive.path(r.image).is_file() and archive.path(r.map).is_file()
+        assert set(json.loads(r.contributions)) == set(split.calibration.branches)
+    store.close()
