@@ -63,10 +63,18 @@ def parse_when(text: str | None, now: float | None = None) -> float | None:
 
 
 def open_history(url: str | None, directory: Path | None) -> HistoryStore:
-    """The configured history, with these flags applied."""
-    from lineguard.stream.history.store import HistoryStore
+    """The configured history, with these flags applied; an SQLite file that is not there
+    is refused rather than created (a mistyped folder would otherwise hide the real one)."""
+    from lineguard.engines.errors import ConfigError
+    from lineguard.stream.history.store import HistoryStore, history_configured
 
     settings = load_settings({"history.url": url, "history.dir": directory}, quiet=True)
+    if not history_configured(settings):
+        raise ConfigError(
+            f"no history in {settings.history.dir} (no history.sqlite there): run "
+            "'lineguard history-worker' first, or point LINEGUARD_HISTORY__DIR / "
+            "LINEGUARD_HISTORY__URL at the line's history"
+        )
     return HistoryStore.from_settings(settings.history)
 
 

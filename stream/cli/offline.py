@@ -363,11 +363,11 @@ def _feedback_images(url: str | None, directory: Path | None) -> tuple[list[Path
     """The saved pictures of the frames marked good and defect in the configured history."""
     from lineguard.engines.errors import ConfigError
     from lineguard.stream.cli.common import load_settings
+    from lineguard.stream.cli.history import open_history
     from lineguard.stream.history.feedback import collect_feedback
-    from lineguard.stream.history.store import HistoryStore
 
     settings = load_settings({"history.url": url, "history.dir": directory}, quiet=True)
-    with HistoryStore.from_settings(settings.history) as store:
+    with open_history(url, directory) as store:
         fb = collect_feedback(store, settings.history.dir / "images")
         where = store.where
     for mark, keys in fb.missing.items():

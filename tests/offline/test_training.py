@@ -606,4 +606,12 @@ def test_refit_feedback_command_reads_the_marks_from_the_history(
         [*args[:-2], str(tmp_path / "x"), "--feedback"],
         env={"LINEGUARD_HISTORY__DIR": str(empty)},
     )
+    assert result.exit_code == 1 and "no history in" in result.output
+    HistoryStore(None, directory=empty).close()  # a history without marks
+    HistoryStore(None, directory=empty).count()
+    result = runner.invoke(
+        app,
+        [*args[:-2], str(tmp_path / "x"), "--feedback"],
+        env={"LINEGUARD_HISTORY__DIR": str(empty)},
+    )
     assert result.exit_code == 1 and "no marked frame" in result.output

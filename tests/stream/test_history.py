@@ -470,6 +470,11 @@ def test_feedback_and_history_commands(tmp_path: Path) -> None:
         != 0
     )
     store.close()
+    nowhere = {"LINEGUARD_HISTORY__DIR": str(tmp_path / "typo")}
+    r = runner.invoke(app, ["history"], env=nowhere)
+    assert r.exit_code == 1 and "no history in" in r.output
+    assert runner.invoke(app, ["feedback", "line1/cam0/2", "--good"], env=nowhere).exit_code == 1
+    assert not (tmp_path / "typo").exists()  # refused, not created
 
 
 def test_health_shows_the_history_worker_and_its_backlog(
