@@ -212,7 +212,8 @@ class HistoryStore:
         text, num = types["text"], types["float"]
         statements = [
             f"CREATE TABLE IF NOT EXISTS {self.verdicts} ({cols}, t_stored {num})",
-            f"CREATE INDEX IF NOT EXISTS {self.verdicts}_t ON {self.verdicts} (t_capture)",
+            f"CREATE INDEX IF NOT EXISTS {self.verdicts}_t "
+            f"ON {self.verdicts} (t_capture, frame_key)",
             f"CREATE INDEX IF NOT EXISTS {self.verdicts}_cam_t "
             f"ON {self.verdicts} (camera, t_capture)",
             f"CREATE TABLE IF NOT EXISTS {self.marks_table} (frame_key {text} PRIMARY KEY, "
@@ -334,28 +335,36 @@ class HistoryStore:
         newest_first: bool = False,
         page: int = 5_000,
     ) -> Iterator[HistoryRow]:
-        """Like ``query`` but in pages by frame key order within capture time, so an export
-        of millions of rows holds one page in memory at a time."""
+        """Like ``query`` but in pages, so an export of millions of rows holds one page in
+        memory at a time. Pages continue after the last row's (capture time, frame key)
+        rather than by OFFSET, so each page costs the same however deep the export is."""
         where, args = self._where(since, until, camera, verdict, model, mark)
         cols = ", ".join([f"v.{c}" for c in VERDICT_COLUMNS] + ["m.mark", "m.t_mark"])
-        order = "DESC" if newest_first else "ASC"
-        base = (
+        order, cmp = ("DESC", "<") if newest_first else ("ASC", ">")
+        select = (
             f"SELECT {cols} FROM {self.verdicts} v LEFT JOIN {self.marks_table} m "
-            f"ON m.frame_key = v.frame_key{where} ORDER BY v.t_capture {order}, "
-            f"v.frame_key {order}"
+            f"ON m.frame_key = v.frame_key"
         )
+        tail = f" ORDER BY v.t_capture {order}, v.frame_key {order} LIMIT "
+        after = f"(v.t_capture, v.frame_key) {cmp} ({self._ph}, {self._ph})"
         left = limit
-        offset = 0
+        last: tuple[float, str] | None = None
+        t_at, key_at = COLUMNS.index("t_capture"), COLUMNS.index("frame_key")
         while left is None or left > 0:
             n = page if left is None else min(page, left)
+            if last is None:
+                sql, page_args = f"{select}{where}{tail}{int(n)}", args
+            else:
+                joiner = " AND " if where else " WHERE "
+                sql, page_args = f"{select}{where}{joiner}{after}{tail}{int(n)}", [*args, *last]
             with self._tx() as cur:
-                cur.execute(f"{base} LIMIT {int(n)} OFFSET {int(offset)}", args)
+                cur.execute(sql, page_args)
                 batch = cur.fetchall()
             for raw in batch:
                 yield HistoryRow(**dict(zip(COLUMNS, raw, strict=True)))
             if len(batch) < n:
                 return
-            offset += len(batch)
+            last = (batch[-1][t_at], batch[-1][key_at])
             if left is not None:
                 left -= len(batch)
 

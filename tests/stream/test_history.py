@@ -199,6 +199,23 @@ def test_store_filters_by_camera_model_and_time(store: HistoryStore) -> None:
     assert store.counts(until=evs[0].t_capture) == {}
 
 
+def test_pages_follow_capture_time_then_frame_key_in_both_directions(store: HistoryStore) -> None:
+    """Exports page by (capture time, frame key); rows sharing a capture time must neither
+    repeat nor go missing across a page boundary."""
+    evs = [event(i, "pass") for i in range(103)]
+    rows = [row_from_event(e) for e in evs]
+    rows = [type(r)(**{**r.to_json(), "contributions": "{}", "t_capture": float(i // 7)})
+            for i, r in enumerate(rows)]  # fmt: skip
+    store.insert(rows)
+    for newest_first in (False, True):
+        whole = [r.frame_key for r in store.iter_rows(newest_first=newest_first, page=1000)]
+        paged = [r.frame_key for r in store.iter_rows(newest_first=newest_first, page=10)]
+        assert paged == whole and len(set(whole)) == 103
+        some = store.iter_rows(newest_first=newest_first, page=10, limit=25, since=3.0)
+        assert [r.frame_key for r in some] == [k for k in whole if int(k[-9:]) // 7 >= 3][:25]
+    assert [r.seq for r in store.iter_rows(page=10)][:8] == list(range(8))
+
+
 def test_export_formats_hold_the_schema_columns(store: HistoryStore, tmp_path: Path) -> None:
     import jsonschema
     import pyarrow.parquet as pq
