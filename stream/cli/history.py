@@ -22,7 +22,6 @@ from lineguard.stream.cli.common import (
 )
 from lineguard.stream.cli.options import (
     BurstOpt,
-    CameraOpt,
     ConsumerOpt,
     FormatOpt,
     HistoryDirOpt,
@@ -127,7 +126,7 @@ def history(
         str | None, typer.Option(metavar="WHEN", help="From: 8h (ago), an ISO time, unix s.")
     ] = None,
     until: Annotated[str | None, typer.Option(metavar="WHEN", help="Up to (excluded).")] = None,
-    camera: CameraOpt = None,
+    camera: Annotated[str | None, typer.Option(metavar="ID", help="Camera id.")] = None,
     verdict: Annotated[
         str | None, typer.Option(metavar="V", help="pass, fail, error or uninspected.")
     ] = None,
