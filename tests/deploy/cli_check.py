@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from lineguard.engines.runtimes.base import PRECISIONS
 from lineguard.stream.cli import app
+from lineguard.stream.cli.tools import STAGES as HEALTH_STAGES  # what health/the probe accept
 from lineguard.stream.infer import RUNTIME_CHOICES
 from tests.deploy.deploy_files import DEPLOY
 
@@ -171,8 +172,8 @@ def check_prepare(args: tuple[str, ...]) -> list[str]:
 
 
 def check_probe(args: tuple[str, ...]) -> list[str]:
-    if len(args) > 1 or (args and args[0] not in STAGES):
-        return [f"lineguard-probe takes at most one stage of {STAGES}, got {list(args)}"]
+    if len(args) > 1 or (args and args[0] not in HEALTH_STAGES):
+        return [f"lineguard-probe takes at most one stage of {HEALTH_STAGES}, got {list(args)}"]
     return []
 
 
