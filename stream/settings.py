@@ -474,7 +474,8 @@ class MqttSinkSettings(SinkBaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65_535)
     topic: str = "lineguard/{line}/{camera}/verdict"
-    qos: Literal[1, 2] = 1
+    # an int range, not Literal[1, 2]: a Literal of ints refuses the string "1" from the env
+    qos: int = Field(default=1, ge=1, le=2, description="MQTT QoS: 1 (at least once) or 2")
     retain: bool = False
     client_id: str | None = Field(default=None, description="unset = lineguard-<line>-<name>")
     keepalive_s: int = Field(default=30, ge=5, le=3600)
