@@ -5,11 +5,18 @@ the patch bank, re-filling the banks after new good images were collected, or ch
 normalisation takes minutes, while retraining the segmentation and LGST takes half an hour. The
 networks' weights are copied unchanged; every bank and every calibration statistic is fitted
 again from the dataset's good images, as ``lineguard train`` does in its last two stages.
+
+**Feedback from the line** (``extra_good``, ``check_bad``): frames the operators confirmed as
+good parts that the bundle had rejected join the training images — so they enter the memory
+banks and the histogram statistics — while calibration stays on the dataset's validation goods,
+so the threshold is still set on images the banks never saw. Frames they confirmed as defects
+are scored by the new bundle afterwards and the result says how many it still rejects: a
+confirmed defect that would now pass is a reason not to roll the new version out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -26,7 +33,7 @@ from lineguard.offline.banks import (
     coreset_size,
     fit_banks,
 )
-from lineguard.offline.calibrate import calibrate
+from lineguard.offline.calibrate import calibrate, raw_scores
 from lineguard.offline.datasets import load_image, open_dataset
 
 
@@ -49,6 +56,8 @@ def refit_bundle(
     target_frr: float | None = None,
     max_train: int | None = None,
     bank_codec_share: float = BANK_CODEC_SHARE,
+    extra_good: Sequence[Path | str] = (),
+    check_bad: Sequence[Path | str] = (),
     progress: bool = False,
     log: Callable[[str], None] = lambda _m: None,
 ) -> Bundle:
@@ -62,6 +71,11 @@ def refit_bundle(
     through the backbone, so a new descriptor needs no retraining. ``fusion_recipe`` (``auto``,
     ``assembly``, ``surface``, ``all`` or branch names) chooses the fused branches; ``None``
     keeps the bundle's recipe, so a refit scores the way its source did.
+
+    ``extra_good`` are images of confirmed good parts from the line (already in the line's
+    encoding, so read without another codec round trip) added to the training images;
+    ``check_bad`` are confirmed defects, scored by the new bundle. The manifest's
+    ``extra.feedback`` records both counts and how many defects the new bundle rejects.
     """
     source = load_bundle(bundle_dir)
     if Path(out).resolve() == source.path.resolve():
@@ -72,6 +86,10 @@ def refit_bundle(
     log(f"reading {len(train)} training and {len(dataset.validation)} validation images")
     codec = source.config.codec  # the round trip the bundle was trained and calibrated for
     train_images = np.stack([load_image(s.path, size, codec) for s in train])
+    if extra_good:
+        log(f"adding {len(extra_good)} confirmed good frame(s) from the line to the banks")
+        fed = np.stack([load_image(p, size) for p in extra_good])
+        train_images = np.concatenate([train_images, fed])
     val_images = np.stack([load_image(s.path, size, codec) for s in dataset.validation])
     old = source.config
 
@@ -140,6 +158,15 @@ def refit_bundle(
         log(f"warning: {warning}")
     extra = dict(source.manifest.get("extra", {}))
     extra.update(refit_from=source.version, n_train=len(train_images), n_validation=len(val_images))
+    if extra_good or check_bad:
+        extra["feedback"] = {"good": len(extra_good), "defects": len(check_bad)}
+    if check_bad:
+        bad = np.stack([load_image(p, size) for p in check_bad])
+        fused = calibration.fuse(raw_scores(model, bad))
+        still = int((fused > calibration.threshold).sum())
+        extra["feedback"]["defects_rejected"] = still
+        note = "" if still == len(bad) else " (check the ones that now pass before rolling out)"
+        log(f"confirmed defects: the new bundle rejects {still} of {len(bad)}{note}")
     return save_bundle(model, out, calibration, overwrite=True, extra=extra)
 
 

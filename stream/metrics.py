@@ -105,6 +105,11 @@ class Metrics:
             "lineguard_frame_errors_total", "Frames that became an error instead of a score.",
             ["stage"], registry=r,
         )  # fmt: skip
+        self.output_errors = Counter(
+            "lineguard_output_errors_total",
+            "Failed writes to an output outside the bus (the history database), retried.",
+            ["stage"], registry=r,
+        )  # fmt: skip
         self.model_reloads = Counter(
             "lineguard_model_reloads_total", "Bundle reloads, by outcome.",
             ["stage", "outcome"], registry=r,

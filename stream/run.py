@@ -46,17 +46,20 @@ Mode = Literal["threads", "processes"]
 
 def settings_env(settings: Settings, url: str | None = None) -> dict[str, str]:
     """Every setting as ``LINEGUARD_*`` variables, so a child process sees the same values
-    (including ones given as CLI flags to the parent). Secrets are passed through as is."""
+    (including ones given as CLI flags to the parent). Nested sections (the sinks') become
+    ``LINEGUARD_SINKS__MQTT__HOST``; secrets are passed through as is, never masked."""
+    from pydantic import BaseModel, SecretStr
+
     env: dict[str, str] = {}
-    for section, fields in settings.model_dump(mode="json").items():
-        for name, value in fields.items():
-            if (section, name) in (
-                ("redis", "username"),
-                ("redis", "password"),
-                ("metrics", "token"),
-            ):
-                secret = getattr(getattr(settings, section), name)
-                value = None if secret is None else secret.get_secret_value()
+
+    def walk(model: BaseModel, loc: tuple[str, ...]) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, (*loc, name))
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             if value is None:
                 continue
             if isinstance(value, bool):
@@ -65,7 +68,9 @@ def settings_env(settings: Settings, url: str | None = None) -> dict[str, str]:
                 text = ",".join(str(v) for v in value)
             else:
                 text = str(value)
-            env[env_var(section, name)] = text
+            env[env_var(*loc, name)] = text
+
+    walk(settings, ())
     if url is not None:
         env[env_var("redis", "url")] = url
     return env

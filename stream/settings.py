@@ -286,6 +286,101 @@ class DecideSettings(_Section):
         return _check_name(value, "consumer group")
 
 
+_HISTORY_SCHEMES = ("postgresql", "postgres", "sqlite")
+_TABLE_PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+
+
+class HistorySettings(_Section):
+    """Where the verdict history is kept and how the history worker writes it.
+
+    ``url`` unset means SQLite in ``dir/history.sqlite`` (embedded, nothing to run); a
+    ``postgresql://`` URL sends it to PostgreSQL instead. Rejects' pictures always go to
+    ``dir/images`` (files, not database rows), pruned to ``image_days`` and ``image_max_bytes``.
+    """
+
+    url: str | None = Field(
+        default=None,
+        description="postgresql://… or sqlite:///PATH; unset = SQLite in dir/history.sqlite",
+    )
+    dir: Path = Field(
+        default=Path(".lineguard/history"),
+        description="SQLite file and reject images; put it beside the bundle volume",
+    )
+    table_prefix: str = Field(default="lineguard", description="tables <prefix>_verdicts, _marks")
+    group: str = "history"
+    batch: int = Field(default=500, ge=1, le=10_000, description="events per transaction")
+    max_delay_ms: int = Field(default=200, ge=0, le=60_000)
+    block_ms: int = Field(default=1000, ge=1)
+    reclaim_idle_ms: int = Field(default=30_000, ge=1)
+    max_deliveries: int = Field(default=5, ge=1, le=1000)
+    retry_max_s: float = Field(
+        default=5.0, gt=0, le=300, description="longest wait between tries while the DB is down"
+    )
+    images: bool = Field(default=True, description="save rejects' frames (and maps) to dir/images")
+    image_days: float = Field(default=30.0, gt=0, le=3650, description="keep pictures this long")
+    image_max_bytes: int = Field(
+        default=2 * 1024**3, ge=1024 * 1024, description="and at most this many bytes of them"
+    )
+    shift_starts: Annotated[tuple[str, ...], NoDecode] = ("06:00", "14:00", "22:00")
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _blank_history_url(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _history_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = urlsplit(value).scheme.lower().split("+")[0]
+        if scheme not in _HISTORY_SCHEMES:
+            raise ValueError(
+                f"history URL scheme {scheme!r} is not supported; use postgresql://user@host/db "
+                "or sqlite:///path/to/history.sqlite"
+            )
+        return value
+
+    @field_validator("table_prefix")
+    @classmethod
+    def _table_prefix(cls, value: str) -> str:
+        if not _TABLE_PREFIX_RE.match(value):
+            raise ValueError(
+                "the table prefix must be 1-40 lower-case letters, digits or '_' and start "
+                "with a letter or '_' (it is spliced into SQL as a name)"
+            )
+        return value
+
+    @field_validator("group")
+    @classmethod
+    def _history_group(cls, value: str) -> str:
+        return _check_name(value, "consumer group")
+
+    @field_validator("shift_starts", mode="before")
+    @classmethod
+    def _parse_shifts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("shift_starts")
+    @classmethod
+    def _check_shifts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one shift start is needed, e.g. 06:00,14:00,22:00")
+        for item in value:
+            hh, _, mm = item.partition(":")
+            if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
+                raise ValueError(f"shift start {item!r} is not HH:MM (local time)")
+        return value
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (redacted_url(value) if name == "url" else value)
+
+
 class LimitsSettings(_Section):
     """Upper bounds applied to every message read from the bus (hostile-input guard)."""
 
@@ -379,7 +474,8 @@ class MqttSinkSettings(SinkBaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65_535)
     topic: str = "lineguard/{line}/{camera}/verdict"
-    qos: Literal[1, 2] = 1
+    # an int range, not Literal[1, 2]: a Literal of ints refuses the string "1" from the env
+    qos: int = Field(default=1, ge=1, le=2, description="MQTT QoS: 1 (at least once) or 2")
     retain: bool = False
     client_id: str | None = Field(default=None, description="unset = lineguard-<line>-<name>")
     keepalive_s: int = Field(default=30, ge=5, le=3600)
@@ -533,6 +629,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     infer: InferSettings = InferSettings()
     decide: DecideSettings = DecideSettings()
+    history: HistorySettings = HistorySettings()
     limits: LimitsSettings = LimitsSettings()
     metrics: MetricsSettings = MetricsSettings()
     sinks: SinksSettings = SinksSettings()
@@ -546,6 +643,7 @@ class Settings(BaseSettings):
         blocks: list[tuple[tuple[str, ...], int]] = [
             (("infer",), self.infer.block_ms),
             (("decide",), self.decide.block_ms),
+            (("history",), self.history.block_ms),
         ]
         blocks += [
             (("sinks", kind), getattr(self.sinks, kind).block_ms)
@@ -591,6 +689,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         data["redis"]["url"] = redacted_url(self.redis.url)
         data["sinks"]["webhook"]["url"] = redacted_url(self.sinks.webhook.url)
+        data["history"]["url"] = redacted_url(self.history.url)
         return data
 
 

@@ -2,6 +2,7 @@
 
 - :mod:`.line` — ``run`` and the workers ``ingest``, ``infer``, ``decide``;
 - :mod:`.tools` — ``replay``, ``events``, ``health``, ``dashboard``, ``demo``;
+- :mod:`.history` — ``history-worker``, ``history``, ``feedback``;
 - :mod:`.offline` — ``synth``, ``train``, ``evaluate``, ``refit``, ``fewshot-curve``;
 - :mod:`.bench` — ``bench model|knn|e2e|soak|sinks``; :mod:`.bundle` — ``bundle info``;
 - :mod:`.sinks` — ``sink mqtt|opcua|webhook``.
@@ -20,7 +21,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from lineguard.stream.cli import bench, bundle, line, offline, sinks, tools
+from lineguard.stream.cli import bench, bundle, history, line, offline, sinks, tools
 from lineguard.stream.cli.common import state
 from lineguard.stream.cli.options import env_help
 
@@ -56,6 +57,7 @@ def main(
 # `lineguard line run`); the ones with a name are command groups.
 app.add_typer(line.app)
 app.add_typer(tools.app)
+app.add_typer(history.app)
 app.add_typer(offline.app)
 app.add_typer(bench.app, name="bench")
 app.add_typer(bundle.app, name="bundle")

@@ -1,6 +1,8 @@
 """``lineguard bench``: benchmarks that print a table and write JSON — the model alone per
 runtime and batch (``model``), the patch-bank search (``knn``), the whole line through Redis
-(``e2e``), a long run at a fixed rate (``soak``) and the verdict sinks (``sinks``)."""
+(``e2e``), a long run at a fixed rate (``soak``), the verdict sinks (``sinks``), the verdict
+history's throughput and outage recovery (``history``) and the operators' corrections fed
+back (``feedback``)."""
 
 from __future__ import annotations
 
@@ -348,3 +350,124 @@ def bench_sinks_cmd(
     )
     console.print(result_table(result))
     write_json(json_path, result)
+
+
+@app.command("feedback")
+@friendly_errors
+def bench_feedback_cmd(
+    data_dir: Annotated[Path, typer.Argument(metavar="DATA", help="The bundle's dataset.")],
+    bundle_dir: Annotated[Path, typer.Argument(metavar="BUNDLE", help="The first bundle.")],
+    work: Annotated[
+        Path, typer.Option(metavar="DIR", help="Where the variant, history and new bundle go.")
+    ] = Path(".lineguard/bench-feedback"),
+    n: Annotated[
+        str, typer.Option(metavar="N,…", help="False rejects marked good, one refit each.")
+    ] = "4,8,16",
+    defects: Annotated[int, typer.Option(metavar="N", help="Rejects marked defect.")] = 10,
+    shift: Annotated[
+        int, typer.Option(metavar="GREY", help="The new lighting: brighter by this much.")
+    ] = 35,
+    json_path: JsonOpt = None,
+) -> None:
+    """False-reject rate on a new kind of good part before and after feeding back N marked
+    frames through the history and 'refit --feedback'; confirmed defects still rejected."""
+    from lineguard.stream.tools.bench_feedback import feedback_bench
+
+    load_settings({}, quiet=True)
+    result = feedback_bench(
+        data_dir,
+        bundle_dir,
+        work,
+        n_feedback=tuple(split_list(n, int)),
+        n_defects=defects,
+        shift=shift,
+        say=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False),
+    )
+    before = result["rejected_before"]
+    table = Table(title=f"feedback from the line (new lighting: +{shift} grey levels)")
+    for col in (
+        "marked good",
+        "FRR new lighting (held out)",
+        "FRR usual goods",
+        "defects rejected",
+        "new-lighting defects rejected",
+        "confirmed defects kept",
+    ):
+        table.add_column(col, justify="right")  # fmt: skip
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f} %"
+
+    table.add_row(
+        "0 (first bundle)",
+        pct(before["new_lighting_goods_held_out"]),
+        pct(before["usual_goods"]),
+        pct(before["defects"]),
+        pct(before["new_lighting_defects"]),
+        "-",
+    )
+    for r in result["rounds"]:
+        a = r["rejected_after"]
+        table.add_row(
+            str(r["n_feedback_good"]),
+            pct(a["new_lighting_goods_held_out"]),
+            pct(a["usual_goods"]),
+            pct(a["defects"]),
+            pct(a["new_lighting_defects"]),
+            f"{r['confirmed_defects_rejected_after']} of {r['n_feedback_defects']}",
+        )
+    console.print(table)
+    write_json(json_path, result)
+
+
+@app.command("history")
+@friendly_errors
+def bench_history_cmd(
+    backend: Annotated[
+        str, typer.Option(metavar="sqlite|postgresql", help="Where the history is kept.")
+    ] = "sqlite",
+    rows: Annotated[int, typer.Option(metavar="N", help="Events for the throughput run.")] = 20_000,
+    rate: Annotated[
+        float, typer.Option(metavar="EPS", help="Events per second during the outage run.")
+    ] = 50.0,
+    outage: Annotated[float, typer.Option(metavar="S", help="Seconds the DB is down.")] = 60.0,
+    pg_url: Annotated[
+        str | None,
+        typer.Option(metavar="URL", help="PostgreSQL for the throughput run (default: throwaway)."),
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Rows per second the verdict history sustains, then the lag after a database outage,
+    the catch-up time, and whether history and stream still hold the same verdicts."""
+    from lineguard.stream.tools.bench_history import history_bench
+
+    if backend not in ("sqlite", "postgresql"):
+        raise typer.BadParameter("use sqlite or postgresql", param_hint="--backend")
+    settings = load_settings({}, quiet=True)
+    r = history_bench(
+        settings,
+        backend=backend,
+        pg_url=pg_url,
+        rows=rows,
+        rate=rate,
+        outage_s=outage,
+        say=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False),
+    )
+    t, o = r["throughput"], r["outage"]
+    console.print(
+        f"history at {t['history']}: {t['rows_per_s']:.0f} rows/s ({t['stored']} rows in "
+        f"{t['seconds']:.1f} s, batches of {t['batch']})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"outage of {o['outage_s']:g} s at {o['rate_per_s']:g} events/s, {o['history']} "
+        f"({o['method']}): lag "
+        f"{o['lag_when_back']} when back, caught up in {o['catch_up_s']} s; {o['events']} "
+        f"events, missing {o['missing']}, extra {o['extra']}, counts equal: {o['ok']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    write_json(json_path, r)
+    if not (t["ok"] and o["ok"]):
+        raise typer.Exit(code=1)

@@ -18,7 +18,7 @@ from lineguard.stream.cli.common import (
     friendly_errors,
     write_json,
 )
-from lineguard.stream.cli.options import Encoding, JsonOpt
+from lineguard.stream.cli.options import Encoding, HistoryDirOpt, HistoryUrlOpt, JsonOpt
 
 app = typer.Typer()
 
@@ -316,10 +316,21 @@ def refit(
     fusion: Annotated[Fusion | None, typer.Option(help=FUSION_HELP)] = None,
     fuse: Annotated[str | None, typer.Option(metavar="RECIPE", help=FUSE_HELP)] = None,
     target_frr: Annotated[float | None, typer.Option(metavar="RATE", help=TARGET_FRR_HELP)] = None,
+    feedback: Annotated[
+        bool,
+        typer.Option(
+            "--feedback", help="Learn frames marked good in the history; check marked defects."
+        ),
+    ] = False,
+    history_url: HistoryUrlOpt = None,
+    history_dir: HistoryDirOpt = None,
 ) -> None:
     """Refill the memory banks and recalibrate a trained bundle, without retraining (minutes).
 
-    Options left out keep the bundle's value.
+    Options left out keep the bundle's value. With --feedback, the saved frames that
+    operators marked good (false rejects) join the banks; those marked defect are scored by
+    the new bundle, which must still reject them. Workers hot-reload a bundle written over
+    the path they watch.
     """
     from lineguard.engines.allocator import keep_freed_memory
     from lineguard.offline.refit import refit_bundle
@@ -336,10 +347,16 @@ def refit(
             raise typer.BadParameter(
                 f"{patch_bank!r} is neither a number nor 'auto'", param_hint="--patch-bank"
             ) from None
+    good: list[Path] = []
+    bad: list[Path] = []
+    if feedback:
+        good, bad = _feedback_images(history_url, history_dir)
     bundle = refit_bundle(
         bundle_dir,
         data_dir,
         out,
+        extra_good=good,
+        check_bad=bad,
         patch_bank=bank,
         patch_descriptor=patch_descriptor,
         hist_bank=hist_bank,
@@ -358,6 +375,35 @@ def refit(
     console.print(
         f"bundle {bundle.path} ready: model {bundle.version}, branches {', '.join(bundle.branches)}"
     )
+
+
+def _feedback_images(url: str | None, directory: Path | None) -> tuple[list[Path], list[Path]]:
+    """The saved pictures of the frames marked good and defect in the configured history."""
+    from lineguard.engines.errors import ConfigError
+    from lineguard.stream.cli.common import load_settings
+    from lineguard.stream.cli.history import open_history
+    from lineguard.stream.history.feedback import collect_feedback
+
+    settings = load_settings({"history.url": url, "history.dir": directory}, quiet=True)
+    with open_history(url, directory) as store:
+        fb = collect_feedback(store, settings.history.dir / "images")
+        where = store.where
+    for mark, keys in fb.missing.items():
+        if keys:
+            err_console.print(
+                f"{len(keys)} frame(s) marked {mark} have no saved picture (a passed frame, "
+                f"pruned, or gone from the stream), e.g. {keys[0]}: not used",
+                highlight=False,
+            )
+    if not fb.good and not fb.defects:
+        raise ConfigError(
+            f"--feedback: the history at {where} has no marked frame with a saved picture; "
+            "mark rejects with 'lineguard feedback KEY --good' or on the dashboard"
+        )
+    err_console.print(
+        f"feedback from {where}: {len(fb.good)} good, {len(fb.defects)} defect", highlight=False
+    )
+    return fb.good, fb.defects
 
 
 @app.command("fewshot-curve")

@@ -122,3 +122,23 @@ DashboardPortOpt = Annotated[
     int,
     typer.Option(metavar="PORT", help="Port of the page on 127.0.0.1 (0: any free port)."),
 ]
+HistoryUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--history-url",
+        metavar="URL",
+        help="postgresql://… or sqlite:///PATH; unset = SQLite in --history-dir.",
+        envvar="LINEGUARD_HISTORY__URL",
+        show_envvar=True,
+    ),
+]
+HistoryDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--history-dir",
+        metavar="DIR",
+        help="SQLite file and reject images.",
+        envvar="LINEGUARD_HISTORY__DIR",
+        show_envvar=True,
+    ),
+]

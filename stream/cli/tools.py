@@ -44,8 +44,9 @@ from lineguard.stream.cli.options import (
 
 app = typer.Typer()
 
-# what writes heartbeats: the line's stages and the sinks (lineguard.stream.sinks)
-STAGES = ("ingest", "infer", "decide", "sink-mqtt", "sink-opcua", "sink-webhook")
+# what writes heartbeats: the line's stages, the sinks (lineguard.stream.sinks) and the
+# history worker (lineguard.stream.history)
+STAGES = ("ingest", "infer", "decide", "sink-mqtt", "sink-opcua", "sink-webhook", "history")
 
 
 @app.command()
@@ -187,7 +188,7 @@ def health(
         typer.Option(
             metavar="STAGE,…",
             help="Stages that must have a live worker: ingest, infer, decide, sink-mqtt, "
-            "sink-opcua, sink-webhook.",
+            "sink-opcua, sink-webhook, history.",
         ),
     ] = "infer,decide",
     timeout: Annotated[
@@ -218,7 +219,10 @@ def health(
         workers = health_report(bus)
         epoch = bus.current_epoch()
         queues = {}
-        for stream, group in (("frames", settings.infer.group), ("scores", settings.decide.group)):
+        pairs = [("frames", settings.infer.group), ("scores", settings.decide.group)]
+        if bus.group_stats("events", settings.history.group) is not None:
+            pairs.append(("events", settings.history.group))  # the history worker's backlog
+        for stream, group in pairs:
             st = bus.group_stats(stream, group)  # type: ignore[arg-type]
             queues[stream] = (
                 None
@@ -337,10 +341,20 @@ def dashboard(
     window: Annotated[
         float, typer.Option(metavar="MIN", help="Minutes of history in the charts.")
     ] = 10.0,
+    history: Annotated[
+        bool | None,
+        typer.Option(
+            "--history/--no-history",
+            help="Shift counts and reject marks from the verdict history (default: when one "
+            "is configured).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a live web page of the line: verdicts, throughput, latency, queues, rejects.
 
-    Reads the bus only (no consumer group), so the page never slows the line down.
+    Reads the bus only (no consumer group), so the page never slows the line down. With a
+    verdict history, the shift's counts come from it and operators can mark rejects.
     """
     from lineguard.stream.dashboard import DashboardConfig, DashboardServer, check_binding
     from lineguard.stream.worker import StopFlag, signals_stop
@@ -357,6 +371,7 @@ def dashboard(
         token=token,
         prefix=prefix,
         config=DashboardConfig(window_s=window * 60),
+        history=history,
     )
     stop = StopFlag()
     with signals_stop(stop), server:

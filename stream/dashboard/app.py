@@ -1,9 +1,14 @@
-"""The dashboard's ASGI app: a page, its static assets, a JSON snapshot, an SSE stream, images.
+"""The dashboard's ASGI app: a page, its static assets, a JSON snapshot, an SSE stream, images,
+and one write: an operator's mark on a reject.
 
-Read-only by construction: every route is GET (Starlette answers anything else with 405),
-and the only thing behind the routes is ``LineView``, which reads the bus. The snapshot is
-built once per tick by the view; each SSE client just gets the newest bytes when they change,
-so a slow or stalled browser delays nobody but itself.
+The bus is only ever read: every route but ``POST /api/mark`` is GET (Starlette answers
+anything else with 405), and the mark goes to the verdict history, never to a stream. The
+snapshot is built once per tick by the view; each SSE client just gets the newest bytes when
+they change, so a slow or stalled browser delays nobody but itself.
+
+``POST /api/mark`` takes ``{"key": "line/camera/seq", "mark": "good"|"defect"}`` as
+``application/json`` (a cross-site HTML form cannot send that without the browser asking
+first, and a request whose ``Origin`` is another site is refused), at most 1 KiB.
 
 With a token set, every request except the static assets and ``/healthz`` must carry it, as
 ``?token=`` or in an ``Authorization: Bearer`` or ``X-Lineguard-Token`` header. Tokens are
@@ -14,26 +19,35 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lineguard.engines.errors import ConfigError
 from lineguard.stream.dashboard.data import LineView
 from lineguard.stream.dashboard.images import IMAGE_KINDS
+from lineguard.stream.history.rows import MARKS
+from lineguard.stream.history.store import HistoryUnavailable
 from lineguard.stream.settings import NAME_PATTERN
 
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 PUBLIC_PREFIXES: Final = ("/static/", "/healthz")
 _CAMERA_RE: Final = re.compile(NAME_PATTERN)
+_KEY_RE: Final = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/\d{9,}$"
+)
+_MAX_MARK_BODY: Final = 1024
 _SECURITY_HEADERS: Final = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),  # a token in the URL must not leak to other sites
@@ -166,6 +180,40 @@ def create_app(
         headers = {"Cache-Control": "private, max-age=3600, immutable"}
         return Response(pic.data, media_type=pic.media_type, headers=headers)
 
+    async def mark(request: Request) -> Response:
+        def refuse(status: int, why: str) -> Response:
+            return JSONResponse({"error": why}, status_code=status, headers=no_store)
+
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            return refuse(403, "marks are accepted from this dashboard's own page only")
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return refuse(415, "send the mark as application/json")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _MAX_MARK_BODY:
+                return refuse(413, f"a mark is at most {_MAX_MARK_BODY} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return refuse(400, "the body is not JSON")
+        key = data.get("key") if isinstance(data, dict) else None
+        what = data.get("mark") if isinstance(data, dict) else None
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            return refuse(400, "key must be a frame key, line/camera/seq")
+        if key.split("/", 1)[0] != view.line:
+            return refuse(400, f"{key} is not a frame of line {view.line}")
+        if what not in MARKS:
+            return refuse(400, f"mark must be one of {', '.join(MARKS)}")
+        try:
+            await run_in_threadpool(view.mark, key, what)
+        except ConfigError as exc:
+            return refuse(409, str(exc))
+        except HistoryUnavailable as exc:
+            return refuse(503, str(exc))
+        return JSONResponse({"ok": True, "key": key, "mark": what}, headers=no_store)
+
     async def not_found(_request: Request, _exc: Any) -> Response:
         return JSONResponse({"error": "not found"}, status_code=404, headers=no_store)
 
@@ -175,6 +223,7 @@ def create_app(
         Route("/api/state", state),
         Route("/api/stream", stream),
         Route("/api/image/{camera}/{seq:int}/{kind}", image),
+        Route("/api/mark", mark, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found})

@@ -13,10 +13,17 @@ of the dashboard does not grow with the number of people looking at it.
 Where the frames stream has already trimmed a reject's frame (it is bounded by MAXLEN), the
 reject is shown with its map and segmentation, and ``frame: false`` tells the page to say
 "frame no longer available".
+
+With a verdict history (``history``), the shift's counts and reject rate come from it (every
+verdict since the shift began, however many the capped events stream still holds), the
+gallery shows each reject's operator mark, and ``mark()`` records a new one. The history is
+read in the same background thread every ``history_every_s``; a history that is down only
+blanks the shift panel, with the reason.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import random
@@ -28,13 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import cv2
-import msgpack
 import numpy as np
 import redis
 import structlog
 
+from lineguard.engines.errors import ConfigError
 from lineguard.stream.bus import Bus, GroupStats
 from lineguard.stream.dashboard.images import IMAGE_KINDS, ImageCache, Picture, render_reject
+from lineguard.stream.history.store import HistoryStore, HistoryUnavailable
+from lineguard.stream.lookup import find_frame, find_scores, queued_at
 from lineguard.stream.protocol import (
     ENTRY_FIELD,
     VERDICTS,
@@ -43,9 +52,7 @@ from lineguard.stream.protocol import (
     ProtocolError,
     Scores,
     decode_event,
-    decode_frame,
     decode_image,
-    decode_scores,
     frame_key,
 )
 from lineguard.stream.settings import Settings
@@ -91,6 +98,8 @@ class DashboardConfig:
     large_side: int = 512
     cache_items: int = 512
     cache_bytes: int = 32 * 1024 * 1024
+    history_every_s: float = 5.0
+    """How often the shift's counts and the gallery's marks are read from the history."""
 
 
 def has_glob(pattern: str) -> bool:
@@ -119,19 +128,21 @@ def _num(value: float | None, digits: int = 3) -> float | None:
     return round(float(value), digits)
 
 
-def _peek(fields: Any) -> tuple[str, str, int] | None:
-    """(line, camera, seq) of a packed message without validating the rest of it."""
-    try:
-        data = fields.get(ENTRY_FIELD)
-        obj = msgpack.unpackb(data, raw=False) if isinstance(data, bytes) else None
-    except Exception:  # hostile or foreign entry: not ours to judge here
-        return None
-    if not isinstance(obj, dict):
-        return None
-    line, camera, seq = obj.get("line"), obj.get("camera"), obj.get("seq")
-    if isinstance(line, str) and isinstance(camera, str) and type(seq) is int:
-        return line, camera, seq
-    return None
+def shift_start(now: float, starts: tuple[str, ...]) -> float:
+    """When the shift running at ``now`` began: the latest of the local ``HH:MM`` starts at
+    or before ``now``, today or (before today's first) yesterday."""
+    day = dt.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    best: float | None = None
+    for back in (0, 1):
+        base = day - dt.timedelta(days=back)
+        for item in starts:
+            hh, mm = (int(x) for x in item.split(":"))
+            t = (base + dt.timedelta(hours=hh, minutes=mm)).timestamp()
+            if t <= now and (best is None or t > best):
+                best = t
+        if best is not None:
+            return best
+    return now
 
 
 def discover_prefix(client: redis.Redis, pattern: str, line: str) -> str | None:
@@ -211,6 +222,7 @@ class Reject:
     seg: bool = False
     kinds: tuple[str, ...] = ()
     note: str = ""
+    mark: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         ev = self.event
@@ -234,6 +246,7 @@ class Reject:
             "seg": self.seg,
             "images": {k: f"api/image/{ev.camera}/{ev.seq}/{k}" for k in self.kinds},
             "note": self.note,
+            "mark": self.mark,
         }
 
 
@@ -257,8 +270,14 @@ class LineView:
         line: str | None = None,
         config: DashboardConfig | None = None,
         clock: Callable[[], float] = time.time,
+        history: HistoryStore | None = None,
     ) -> None:
         self.client = client
+        self.history = history
+        self._history_lock = threading.Lock()  # one connection, two threads (view, HTTP)
+        self._next_history = 0.0
+        self.shift: dict[str, Any] | None = None
+        self.marks: dict[str, str] = {}
         self.settings = settings
         self.pattern = prefix or settings.redis.key_prefix
         self.line = line or settings.line.id
@@ -347,6 +366,9 @@ class LineView:
                     f"no streams of line {self.line!r} under prefix {self.pattern!r} yet; "
                     "waiting for the pipeline to write"
                 )
+            if self.history is not None and now >= self._next_history:
+                self._next_history = now + self.cfg.history_every_s
+                self._read_history(now)
         except (redis.RedisError, OSError) as exc:
             error = f"cannot read the bus: {type(exc).__name__}: {_clip(str(exc), 160)}"
             if error != self.error:  # once per outage, not every tick
@@ -473,6 +495,44 @@ class LineView:
             })  # fmt: skip
         self.workers = out
 
+    # the history -------------------------------------------------------------------
+
+    def _read_history(self, now: float) -> None:
+        assert self.history is not None
+        start = shift_start(now, self.settings.history.shift_starts)
+        keys = [r.event.key for r in self.rejects]
+        try:
+            with self._history_lock:
+                counts = self.history.counts(since=start)
+                marks = self.history.marks(keys) if keys else {}
+        except HistoryUnavailable as exc:
+            self.shift = {"start": _num(start), "source": "history", "error": _clip(str(exc))}
+            return
+        total = sum(counts.values())
+        self.shift = {
+            "start": _num(start),
+            "source": "history",
+            "counts": {**{v: counts.get(v, 0) for v in VERDICTS}, "total": total},
+            "reject_rate": _num(counts.get("fail", 0) / total, 5) if total else None,
+            "error": None,
+        }
+        self.marks = marks
+        for rej in self.rejects:
+            rej.mark = marks.get(rej.event.key)
+
+    def mark(self, key: str, mark: str) -> None:
+        """Record an operator's mark on a frame of this line (raises ``HistoryUnavailable``
+        or ``ConfigError``; the caller says so to the page)."""
+        if self.history is None:
+            raise ConfigError("this dashboard has no history to keep marks in")
+        with self._history_lock:
+            self.history.mark(key, mark, source="dashboard")
+        self.marks[key] = mark
+        for rej in self.rejects:
+            if rej.event.key == key:
+                rej.mark = mark
+        self._publish()
+
     # rejects -----------------------------------------------------------------------
 
     def _resolve_rejects(self) -> None:
@@ -488,12 +548,7 @@ class LineView:
         assert self.bus is not None
         ev = rej.event
         scores = self.find_scores(ev)
-        t_queued: float | None = None
-        if scores is not None and scores.timings.get("t_queued"):
-            t_queued = scores.timings["t_queued"]
-        elif "ingest" in ev.latency:
-            t_queued = ev.t_capture + ev.latency["ingest"]
-        frame = self.find_frame(ev, t_queued)
+        frame = self.find_frame(ev, queued_at(ev, scores))
         image = amap = seg = None
         notes = []
         if frame is not None:
@@ -527,66 +582,15 @@ class LineView:
         rej.note = "; ".join(notes)
         rej.resolved = True
 
-    def _scan(
-        self, stream: str, lo_ms: int, hi_ms: int, want: tuple[str, str, int], limit: int
-    ) -> Any:
-        """The fields of the first entry of ``stream`` between the two times whose message
-        is for frame ``want``, looking at no more than ``limit`` entries."""
-        assert self.bus is not None
-        key = self.bus.key(stream)  # type: ignore[arg-type]
-        start = f"{max(0, lo_ms)}-0"
-        seen = 0
-        page = min(100, max(1, limit))
-        while seen < limit:
-            rows: Any = self.client.xrange(key, min=start, max=f"{max(0, hi_ms)}", count=page)
-            for _entry_id, fields in rows or ():
-                if _peek(fields) == want:
-                    return fields
-            seen += len(rows or ())
-            if not rows or len(rows) < page:
-                return None
-            start = "(" + _text(rows[-1][0])
-        return None
-
     def find_scores(self, ev: Event) -> Scores | None:
-        """The scores message of ``ev``'s frame, by time range around when infer wrote it."""
+        """The scores message of ``ev``'s frame (``lineguard.stream.lookup``)."""
         assert self.bus is not None
-        want = (ev.line, ev.camera, ev.seq)
-        lat = ev.latency
-        t_capture_ms = int(ev.t_capture * 1000)
-        t_event_ms = int(ev.t_event * 1000)
-        windows = []
-        if "decide" in lat and "handoff" in lat:
-            t_scored_ms = int((ev.t_event - lat["decide"] - lat["handoff"]) * 1000)
-            windows.append((t_scored_ms - 20, t_event_ms + 2000, 500))
-        windows.append((t_capture_ms - 5000, t_event_ms + 5000, self.cfg.scan_limit))
-        for lo, hi, limit in windows:
-            fields = self._scan("scores", lo, hi, want, limit)
-            if fields is not None:
-                try:
-                    return decode_scores(fields.get(ENTRY_FIELD), self.bus.limits)
-                except ProtocolError:
-                    return None
-        return None
+        return find_scores(self.bus, ev, scan_limit=self.cfg.scan_limit)
 
     def find_frame(self, ev: Event, t_queued: float | None) -> Frame | None:
         """The frame itself, if the bounded frames stream still has it."""
         assert self.bus is not None
-        want = (ev.line, ev.camera, ev.seq)
-        windows = []
-        if t_queued:
-            ms = round(t_queued * 1000)
-            windows.append((ms - 1, ms + 1, 200))
-        t_capture_ms = int(ev.t_capture * 1000)
-        windows.append((t_capture_ms - 1000, int(ev.t_event * 1000), self.cfg.frame_scan_limit))
-        for lo, hi, limit in windows:
-            fields = self._scan("frames", lo, hi, want, limit)
-            if fields is not None:
-                try:
-                    return decode_frame(fields.get(ENTRY_FIELD), self.bus.limits)
-                except ProtocolError:
-                    return None
-        return None
+        return find_frame(self.bus, ev, t_queued, scan_limit=self.cfg.frame_scan_limit)
 
     def image(self, camera: str, seq: int, kind: str) -> Picture | None:
         """An encoded picture of a reject, from the cache (None: not there)."""
@@ -684,5 +688,7 @@ class LineView:
                 "lag_scores": lag_s,
             },
             "rejects": [r.to_json() for r in reversed(self.rejects) if r.resolved],
+            "shift": self.shift,
+            "marks": self.history is not None,
             "ignored": {"unreadable": self.bad_entries, "duplicates": self.duplicates},
         }

@@ -5,7 +5,11 @@ message, and port 0 picks a free one), runs uvicorn in a daemon thread with the 
 off (query strings can carry the token), and owns the ``LineView`` and its Redis client.
 
 Binding policy: loopback needs nothing; any other address needs a token, because the page
-shows production images to whoever can reach the port.
+shows production images to whoever can reach the port and takes operators' marks.
+
+The verdict history is used when one is configured (``history_configured``: a
+``LINEGUARD_HISTORY__URL``, or the SQLite file already in ``LINEGUARD_HISTORY__DIR``) unless
+``history=False``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lineguard.stream.binding import binding_problem
 from lineguard.stream.bus import connect
 from lineguard.stream.dashboard.app import create_app
 from lineguard.stream.dashboard.data import DashboardConfig, LineView
+from lineguard.stream.history.store import HistoryStore, history_configured
 from lineguard.stream.settings import Settings
 
 log = structlog.get_logger("lineguard.dashboard")
@@ -77,8 +82,11 @@ class DashboardServer:
         prefix: str | None = None,
         line: str | None = None,
         config: DashboardConfig | None = None,
+        history: bool | None = None,
     ) -> None:
         check_binding(host, token)
+        self.history = history_configured(settings) if history is None else history
+        self.store: HistoryStore | None = None
         self.settings = settings
         self.redis_url = url
         self.host = host
@@ -105,8 +113,15 @@ class DashboardServer:
         sock = _bind(self.host, self.port)
         self.port = int(sock.getsockname()[1])
         self.client = connect(self.settings, self.redis_url, client_name="lineguard-dashboard")
+        if self.history:
+            self.store = HistoryStore.from_settings(self.settings.history)
         self.view = LineView(
-            self.client, self.settings, prefix=self.prefix, line=self.line, config=self.config
+            self.client,
+            self.settings,
+            prefix=self.prefix,
+            line=self.line,
+            config=self.config,
+            history=self.store,
         ).start()
         app = create_app(self.view, token=self.token)
         self._app = app
@@ -156,6 +171,9 @@ class DashboardServer:
         if self.client is not None:
             self.client.close()
             self.client = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
         self._server = self._app = None
 
     def __enter__(self) -> DashboardServer:

@@ -18,16 +18,21 @@ from typer.testing import CliRunner
 
 from lineguard.engines.runtimes.base import PRECISIONS
 from lineguard.stream.cli import app
-from lineguard.stream.cli.tools import STAGES
+from lineguard.stream.cli.tools import STAGES  # what health and the probe accept
 from lineguard.stream.infer import RUNTIME_CHOICES
 from tests.deploy.deploy_files import DEPLOY
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
+# the worker subcommand of a stage whose name is not its command's (``lineguard history``
+# queries the history; ``history-worker`` writes it)
+_STAGE_COMMANDS = {"history": ("history-worker",)}
+
+
 def stage_command(stage: str) -> tuple[str, ...]:
     """The subcommand that runs ``stage``'s worker: ``sink-mqtt`` is ``lineguard sink mqtt``."""
-    return tuple(stage.split("-"))
+    return _STAGE_COMMANDS.get(stage) or tuple(stage.split("-"))
 
 
 def stage_of(argv: list[str] | tuple[str, ...]) -> str | None:

@@ -563,3 +563,91 @@ def test_cached_teacher_targets_train_the_same_networks() -> None:
     cached, recomputed = trained
     for name, value in cached.items():
         torch.testing.assert_close(value, recomputed[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_refit_learns_confirmed_goods_and_checks_confirmed_defects(
+    trained: Path, line: Path, tmp_path: Path
+) -> None:
+    """Feedback from the line: goods the operators confirmed enter the banks (each then has
+    a good image at distance 0 in the image banks), defects are scored by the new bundle."""
+    import cv2
+
+    from lineguard.offline.calibrate import raw_scores
+    from lineguard.offline.datasets import load_image, open_dataset
+    from lineguard.offline.refit import refit_bundle
+
+    dataset = open_dataset(line)
+    goods = [s for s in dataset.test if s.label == 0][:2]
+    bads = [s for s in dataset.test if s.label != 0][:3]
+    fed = []
+    for i, s in enumerate(goods):  # a new lighting the training set never had
+        img = np.clip(load_image(s.path, 64).astype(np.int16) + 60, 0, 255).astype(np.uint8)
+        path = tmp_path / f"fed-{i}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        fed.append(path)
+    plain = refit_bundle(trained, line, tmp_path / "plain")
+    out = refit_bundle(
+        trained, line, tmp_path / "fb", extra_good=fed, check_bad=[s.path for s in bads]
+    )
+    assert out.config.hist_bank == plain.config.hist_bank + 2 == 12
+    assert out.manifest["extra"]["n_train"] == 12
+    images = np.stack([load_image(p, 64) for p in fed])
+    k = out.branches.index("hist_knn")
+    before = raw_scores(plain.build_model(), images)[:, k]
+    after = raw_scores(out.build_model(), images)[:, k]
+    assert (after < 1e-3).all() and (before > after).all(), (before, after)
+    bad_images = np.stack([load_image(s.path, 64) for s in bads])
+    fused = out.calibration.fuse(raw_scores(out.build_model(), bad_images))
+    feedback = out.manifest["extra"]["feedback"]
+    assert feedback == {
+        "good": 2,
+        "defects": 3,
+        "defects_rejected": int((fused > out.calibration.threshold).sum()),
+    }
+
+
+def test_refit_feedback_command_reads_the_marks_from_the_history(
+    trained: Path, line: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from lineguard.offline.datasets import load_image, open_dataset
+    from lineguard.stream.cli import app
+    from lineguard.stream.history.archive import ImageArchive
+    from lineguard.stream.history.rows import row_from_event
+    from lineguard.stream.history.store import HistoryStore
+    from lineguard.stream.protocol import Event, make_frame
+
+    hdir = tmp_path / "history"
+    store = HistoryStore(None, directory=hdir)
+    archive = ImageArchive(hdir / "images", max_days=30, max_bytes=1 << 30)
+    samples = open_dataset(line).test[:3]
+    for seq, s in enumerate(samples):
+        frame = make_frame("line1", "cam0", seq, load_image(s.path, 64), t_capture=1.0)
+        ev = Event("line1", "cam0", seq, "fail", 2.0, 1.0, {}, "m", {}, "", 1.0, 1.0)
+        store.insert([row_from_event(ev, image=archive.save_frame(frame))])
+        store.mark(ev.key, "good" if seq < 2 else "defect")
+    store.mark("line1/cam0/000000099", "defect")  # a missed defect: no picture
+    store.close()
+    runner = CliRunner()
+    args = ["refit", str(trained), str(line), "--out", str(tmp_path / "new"), "--feedback"]
+    result = runner.invoke(app, args, env={"LINEGUARD_HISTORY__DIR": str(hdir)})
+    assert result.exit_code == 0, result.output
+    assert "2 good, 1 defect" in result.output and "no saved picture" in result.output
+    feedback = load_bundle(tmp_path / "new").manifest["extra"]["feedback"]
+    assert feedback["good"] == 2 and feedback["defects"] == 1
+    empty = tmp_path / "empty"
+    result = runner.invoke(
+        app,
+        [*args[:-2], str(tmp_path / "x"), "--feedback"],
+        env={"LINEGUARD_HISTORY__DIR": str(empty)},
+    )
+    assert result.exit_code == 1 and "no history in" in result.output
+    HistoryStore(None, directory=empty).close()  # a history without marks
+    HistoryStore(None, directory=empty).count()
+    result = runner.invoke(
+        app,
+        [*args[:-2], str(tmp_path / "x"), "--feedback"],
+        env={"LINEGUARD_HISTORY__DIR": str(empty)},
+    )
+    assert result.exit_code == 1 and "no marked frame" in result.output

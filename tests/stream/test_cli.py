@@ -81,7 +81,7 @@ def test_every_help_fits_an_80_column_terminal(command: list[str]) -> None:
         depth = 2 if section == "sinks" else 1  # LINEGUARD_SINKS__<KIND>__<FIELD>
         assert var.rstrip("_").count("__") == depth, (var, result.output)  # not cut at a wrap
         assert section in {"line", "infer", "ingest", "metrics", "log", "redis", "dashboard",
-                           "sinks"}  # fmt: skip
+                           "sinks", "history"}  # fmt: skip
 
 
 @pytest.mark.parametrize(

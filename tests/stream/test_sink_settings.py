@@ -56,3 +56,36 @@ def test_a_refused_secret_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.load({"sinks.webhook.secret": "tooshort1"}, env_file=None)
     assert "tooshort1" not in str(info.value)
+
+
+def test_every_sink_setting_reaches_a_child_process_through_the_environment() -> None:
+    """``settings_env`` is how run/bench start workers as processes: nested sink sections and
+    their secrets must come back as the same values, not as a Python repr or masked."""
+    from lineguard.stream.run import settings_env
+    from lineguard.stream.settings import Settings
+
+    parent = Settings.load(
+        {
+            "sinks.mqtt.qos": 2,
+            "sinks.mqtt.username": "line",
+            "sinks.mqtt.password": "s3cret-pass",
+            "sinks.webhook.secret": "0123456789abcdef-secret",
+        },
+        env_file=None,
+    )
+    env = settings_env(parent)
+    assert env["LINEGUARD_SINKS__MQTT__QOS"] == "2"
+    assert env["LINEGUARD_SINKS__MQTT__PASSWORD"] == "s3cret-pass"
+    import os
+
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        child = Settings.load(env_file=None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert child.sinks.mqtt.qos == 2
+    assert child.sinks.mqtt.password is not None
+    assert child.sinks.mqtt.password.get_secret_value() == "s3cret-pass"
+    assert child.model_dump() == parent.model_dump()

@@ -121,6 +121,7 @@
     $("p50-now").textContent = fmt(state.latency_ms.p50, 1);
     $("p99-now").textContent = fmt(state.latency_ms.p99, 1);
 
+    renderShift(state.shift);
     renderQueues(state);
     renderCharts(state.series);
     renderGallery(state.rejects || []);
@@ -128,6 +129,25 @@
       const r = (state.rejects || []).find((x) => x.key === openKey);
       if (r) fillDetail(r);
     }
+  }
+
+  function renderShift(shift) {
+    const box = $("shift");
+    box.hidden = !shift;
+    if (!shift) return;
+    if (shift.error) {
+      box.textContent = "this shift (since " + clock(shift.start) + "): history unavailable – "
+        + shift.error;
+      return;
+    }
+    const c = shift.counts;
+    const rate = shift.reject_rate === null ? "–" : fmt(shift.reject_rate * 100, 2) + " %";
+    box.replaceChildren(
+      document.createTextNode("this shift, since " + clock(shift.start) + " (from the history): "),
+      el("b", "", fmt(c.total)), document.createTextNode(" inspected · "),
+      el("b", "", fmt(c.fail)), document.createTextNode(" rejected · reject rate "),
+      el("b", "", rate),
+      document.createTextNode(" · uninspected " + fmt(c.uninspected) + " · error " + fmt(c.error)));
   }
 
   function renderQueue(name, q) {
@@ -269,6 +289,7 @@
     const b = el("b", "", fmt(r.score, 2));
     score.append(b, document.createTextNode(" / " + fmt(r.threshold, 2) + " · " + clock(r.t_event)));
     card.append(score);
+    card.append(el("div", "mark", ""));
     card.title = r.reason;
     card.addEventListener("click", () => openDetail(r.key));
     return card;
@@ -287,6 +308,8 @@
     for (const r of rejects) {
       let card = cards.get(r.key);
       if (!card) { card = makeCard(r); cards.set(r.key, card); }
+      card.querySelector(".mark").textContent = r.mark === "good" ? "marked good part"
+        : r.mark === "defect" ? "confirmed defect" : "";
       const want = prev ? prev.nextSibling : gallery.firstChild;
       if (card !== want) gallery.insertBefore(card, want);
       prev = card;
@@ -325,6 +348,11 @@
     drawScore($("detail-score"), r.score, r.threshold);
     drawBranches($("detail-branches"), r.contributions);
     $("detail-reason").textContent = r.reason;
+    $("detail-mark").hidden = !(latest && latest.marks);
+    for (const b of $("detail-mark").querySelectorAll("button")) {
+      b.classList.toggle("on", b.dataset.mark === r.mark);
+    }
+    if (fresh) $("mark-status").textContent = "";
     $("detail-meta").textContent = "model " + r.model + " · captured " + clock(r.t_capture)
       + " · capture → event " + fmt(r.latency_ms, 1) + " ms" + (r.note ? " · " + r.note : "");
   }
@@ -369,10 +397,29 @@
     }
   }
 
+  async function sendMark(mark) {
+    if (!openKey) return;
+    const status = $("mark-status");
+    status.textContent = "saving…";
+    const headers = { "Content-Type": "application/json" };
+    if (token) headers["X-Lineguard-Token"] = token;
+    try {
+      const res = await fetch("api/mark", { method: "POST", headers: headers,
+        body: JSON.stringify({ key: openKey, mark: mark }) });
+      const body = await res.json().catch(() => ({}));
+      status.textContent = res.ok ? "saved: " + (mark === "good" ? "good part" : "confirmed defect")
+        : "not saved: " + (body.error || res.status);
+    } catch (e) {
+      status.textContent = "not saved: " + e;
+    }
+  }
+
   // ---------------------------------------------------------------- start
 
   document.addEventListener("DOMContentLoaded", () => {
     $("detail-close").addEventListener("click", closeDetail);
+    $("mark-good").addEventListener("click", () => sendMark("good"));
+    $("mark-defect").addEventListener("click", () => sendMark("defect"));
     $("detail").addEventListener("click", (e) => { if (e.target === $("detail")) closeDetail(); });
     document.addEventListener("keydown", (e) => { if (e.key === "Escape") closeDetail(); });
     connect();
