@@ -23,8 +23,8 @@ K8S = DEPLOY / "k8s"
 SYSTEMD = DEPLOY / "systemd"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
-# What deploy/.env holds for compose's plant profile: the values passed through to the sinks.
-PLANT_ENV = DEPLOY / "plant.env.example"
+# What deploy/.env holds for compose: METRICS_TOKEN and the values passed through by name.
+ENV_EXAMPLE = DEPLOY / "env.example"
 
 # "LINEGUARD_" followed by a name; a bare "LINEGUARD_" or "LINEGUARD_*" in prose is not one.
 ENV_TOKEN = re.compile(r"\bLINEGUARD_[A-Z0-9_]*[A-Z0-9]")
@@ -93,15 +93,17 @@ def stand_in_secret(name: str) -> str:
 def compose_environment(svc: dict[str, Any]) -> dict[str, str]:
     """What a compose service's container sees, set up as documented: interpolations
     resolved; a key without a value (compose passes it through from the shell or
-    deploy/.env) takes its value from deploy/plant.env.example, an empty secret there a
-    stand-in, and one the example lacks stays unset, as compose leaves it."""
-    example = parse_env_file(PLANT_ENV)
+    deploy/.env) takes its value from deploy/env.example (a stand-in for a secret left
+    empty there), and one the example lacks stays unset, as compose leaves it."""
+    example = parse_env_file(ENV_EXAMPLE)
+    secrets = settings_secret_names()
     env: dict[str, str] = {}
     for key, value in (svc.get("environment") or {}).items():
         if value is not None:
             env[key] = resolve_interpolation(str(value))
         elif key in example:
-            env[key] = example[key] or stand_in_secret(key)
+            filled = not example[key] and key in secrets
+            env[key] = stand_in_secret(key) if filled else example[key]
     return env
 
 

@@ -109,7 +109,9 @@ def test_the_deploy_tree_has_what_issue_6_asks_for() -> None:
         "systemd/lineguard.target",
         "systemd/lineguard.env",
         "systemd/lineguard-sink@.service",
-        "plant.env.example",
+        "systemd/lineguard-history.service",
+        "k8s/history.yaml",
+        "env.example",
         "bin/lineguard_probe.py",
         "bin/lineguard_prepare.py",
     ):
@@ -227,7 +229,7 @@ def test_no_deploy_file_gives_a_secret_a_value(
         for _key, c in df.k8s_containers(doc):
             for e in c.get("env") or []:
                 assert e["name"] not in secrets or "value" not in e, f"{c['name']}: {e['name']}"
-    for path in [df.PLANT_ENV, *sorted(df.SYSTEMD.glob("*.env"))]:
+    for path in [df.ENV_EXAMPLE, *sorted(df.SYSTEMD.glob("*.env"))]:
         for key, value in df.parse_env_file(path).items():
             assert key not in secrets or value == "", f"{path.name}: {key} has a value"
 
@@ -249,20 +251,22 @@ def test_every_required_k8s_secret_says_how_to_create_it(
                         assert f"--from-literal={key}=" in text, (ref["name"], key)
 
 
-def test_compose_plant_values_are_passed_through_from_deploy_env(
-    compose: dict[str, Any],
-) -> None:
-    """A key without a value takes it from the shell or deploy/.env: each such key is in
-    deploy/plant.env.example, and each line there reaches a service."""
-    documented = set(df.ENV_TOKEN.findall(df.PLANT_ENV.read_text(encoding="utf-8")))
-    passed: set[str] = set()
+def test_compose_takes_its_operator_values_from_deploy_env(compose: dict[str, Any]) -> None:
+    """What compose reads from deploy/.env (the variables it interpolates, the keys it passes
+    through by name) is in deploy/env.example, with every one it requires, and each line
+    there is used."""
+    example = df.parse_env_file(df.ENV_EXAMPLE)
+    documented = set(example) | set(df.ENV_TOKEN.findall(df.ENV_EXAMPLE.read_text("utf-8")))
+    text = df.COMPOSE.read_text(encoding="utf-8")
+    required = {m.group(1) for m in df.INTERPOLATION.finditer(text) if m.group(2) == ":?"}
+    assert required and required <= set(example), f"required {sorted(required - set(example))}"
+    used = {m.group(1) for m in df.INTERPOLATION.finditer(text)}
     for name, svc in our_services(compose).items():
         through = {k for k, v in (svc.get("environment") or {}).items() if v is None}
         assert through <= documented, f"compose {name}: {sorted(through - documented)}"
-        passed |= through
-    assert passed, "no service takes a value from deploy/.env"
-    unused = set(df.parse_env_file(df.PLANT_ENV)) - passed
-    assert not unused, f"plant.env.example sets {sorted(unused)}, which reach no service"
+        used |= through
+    unused = set(example) - used
+    assert not unused, f"env.example sets {sorted(unused)}, which compose never reads"
 
 
 # -------------------------------------------------------------------------------- images
@@ -495,6 +499,26 @@ def test_compose_runs_each_sink_once_on_the_plant_profile(compose: dict[str, Any
 # ---------------------------------------------------------------------------------- kubernetes
 
 
+def _mount_of(mounts: list[dict[str, Any]], path: str) -> dict[str, Any] | None:
+    """The mount ``path`` lies under (the deepest one), if any."""
+    under = [m for m in mounts if Path(path).is_relative_to(m["mountPath"])]
+    return max(under, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def test_the_history_is_kept_on_a_volume_everywhere(compose: dict[str, Any]) -> None:
+    """The history's SQLite file and pictures outlive the worker: compose keeps its dir on
+    a named volume, systemd in a path the unit may write (Kubernetes: see the test below)."""
+    (svc,) = [s for s in our_services(compose).values() if stage_of(s["command"]) == "history"]
+    where = df.compose_environment(svc)["LINEGUARD_HISTORY__DIR"]
+    volumes = [str(v).split(":") for v in svc["volumes"]]
+    mount = _mount_of([{"name": v[0], "mountPath": v[1]} for v in volumes], where)
+    assert mount is not None and mount["name"] in compose["volumes"], f"compose: {where}"
+    unit = df.SYSTEMD / "lineguard-history.service"
+    env = df.systemd_environment(unit, "")
+    (writable,) = df.unit_values(df.parse_unit(unit), "Service", "ReadWritePaths")
+    assert Path(env["LINEGUARD_HISTORY__DIR"]).is_relative_to(writable), "systemd: read-only"
+
+
 def test_kustomization_lists_every_manifest() -> None:
     (kust,) = df.load_yaml_docs(df.K8S / "kustomization.yaml")
     files = {p.name for p in df.K8S.glob("*.yaml")} - {"kustomization.yaml"}
@@ -510,7 +534,7 @@ def test_kubectl_kustomize_builds_the_manifests() -> None:
     )
     assert out.returncode == 0, out.stderr
     kinds = Counter(d["kind"] for d in df.yaml_module().safe_load_all(out.stdout) if d)
-    assert kinds["Deployment"] == 3 + len(SINK_KINDS), kinds
+    assert kinds["Deployment"] == 4 + len(SINK_KINDS), kinds
     assert kinds["StatefulSet"] == 1 and kinds["ScaledObject"] == 1 and kinds["Service"] == 2
 
 
@@ -565,6 +589,19 @@ def test_k8s_workers_gpu_volume_and_drain(k8s_docs: list[tuple[Path, dict[str, A
             assert "--consumer" in main["args"], f"{stage}: a stable consumer name"
             assert gpu is None, f"{stage} needs no GPU"
             assert "/var/lib/lineguard" not in {m["mountPath"] for m in main["volumeMounts"]}
+            continue
+        if stage == "history":
+            # one writer to SQLite, on a volume of its own with working file locks
+            assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+            assert "--consumer" in main["args"] and gpu is None
+            env = {e["name"]: e["value"] for e in main["env"] if "value" in e}
+            mount = _mount_of(main["volumeMounts"], env["LINEGUARD_HISTORY__DIR"])
+            assert mount is not None and not mount.get("readOnly"), "the history dir is written"
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            pvc = by_kind(k8s_docs, "PersistentVolumeClaim")[
+                volume["persistentVolumeClaim"]["claimName"]
+            ]
+            assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"], "SQLite on a shared volume"
             continue
         data = next(m for m in main["volumeMounts"] if m["mountPath"] == "/var/lib/lineguard")
         if stage == "infer":
