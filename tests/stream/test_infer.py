@@ -185,8 +185,10 @@ def test_hot_reload_swaps_the_bundle_between_batches(
     drain(stage)
     second = split_bundle(tmp_path / "bundle", threshold_shift=1.0)  # replaced in place
     assert second.version != first.version
+    stage.step()  # notices the new bundle and loads it in the background ...
+    assert stage.loading.wait(60)
     ing.send(GOOD)
-    drain(stage)
+    drain(stage)  # ... and swaps it in before the next batch
     versions = [s.model for s in read_scores(bus)]
     assert versions == [first.version, second.version]
     assert stage.counts["reloads"] == 1
