@@ -503,11 +503,11 @@ class InferStage:
         t0 = time.perf_counter()
         frames = [frame for _e, frame in batch.work]
         errors = self.decoder.decode_into(frames, staging)
-        for i, ((e, frame), exc) in enumerate(zip(batch.work, errors, strict=True)):
-            if exc is not None:
+        for i, ((e, frame), bad) in enumerate(zip(batch.work, errors, strict=True)):
+            if bad is not None:
                 with frame_context(frame.key):
-                    log.warning("infer.bad_image", reason=exc.reason, error=str(exc))
-                batch.results[i] = self._error(frame, e, model, f"cannot decode frame: {exc}", base)
+                    log.warning("infer.bad_image", reason=bad.reason, error=str(bad))
+                batch.results[i] = self._error(frame, e, model, f"cannot decode frame: {bad}", base)
                 continue
             self._check_encoding(frame, model)
             batch.rows.append(i)
