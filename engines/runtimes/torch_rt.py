@@ -149,7 +149,9 @@ class TorchRuntime:
                 self._selected(static_in)
         self._stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self._stream):
+        # thread_local: a reload captures in a background thread while the old model's
+        # forward keeps running (and synchronising) in another; only this thread is checked
+        with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
             static_out = self._selected(static_in)
         return _Graph(graph, static_out)
 
