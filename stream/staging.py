@@ -5,8 +5,8 @@ into a fresh batch: two allocations and a copy per frame, all in the worker's on
 the model sat idle. Here a batch is decoded by a small thread pool (``cv2.imdecode`` and the
 resize release the GIL, so the threads really run side by side, and beside a forward pass in
 another thread) and every image lands in its row of a ``[max_batch, H, W, 3]`` uint8 buffer
-that is allocated once per model. On CUDA that buffer is page-locked (``Runtime.host_batch``),
-so the runtime's host→device copy is an asynchronous DMA from it rather than a staged copy.
+that is allocated once per model. On CUDA that buffer is page-locked (the torch runtime's
+optional ``host_batch``), so the host→device copy is an asynchronous DMA straight from it.
 
 Two buffers per model are enough: while the forward pass reads one, the next batch is decoded
 into the other, and a buffer is written again only after the forward that read it returned.
