@@ -280,7 +280,8 @@ class CSADModel(nn.Module):
         """uint8 ``[B, H, W, 3]`` RGB → normalised float ``[B, 3, S, S]``."""
         if images.dim() != 4 or images.shape[-1] != 3:
             raise InputError(f"expected images [B, H, W, 3], got shape {tuple(images.shape)}")
-        x = images.permute(0, 3, 1, 2).to(self.pixel_mean.dtype)
+        # cast before any other op: TensorRT runs no layer but a cast on uint8
+        x = images.to(self.pixel_mean.dtype).permute(0, 3, 1, 2)
         size = self.config.input_size
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -336,7 +337,9 @@ class CSADModel(nn.Module):
             columns.append(self.comp_knn(composition(desc, labels, self.config.num_classes, cell)))
         if self.fewshot_knn is not None:
             columns.append(self.fewshot_knn(features[1], features[2]))
-        return Outputs(torch.stack(columns, dim=1), amap, labels.to(torch.uint8), patch_features)
+        # class ids → uint8 through float: TensorRT converts uint8 only to and from float/half
+        seg = labels.to(torch.float32).to(torch.uint8)
+        return Outputs(torch.stack(columns, dim=1), amap, seg, patch_features)
 
 
 def _segmentation_head(config: ModelConfig, channels: dict[int, int]) -> SegmentationHead:

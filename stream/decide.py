@@ -59,7 +59,7 @@ import numpy as np
 import redis
 import structlog
 
-from lineguard.engines.bundle import load_bundle
+from lineguard.engines.bundle import Bundle, load_bundle
 from lineguard.engines.errors import LineguardError
 from lineguard.engines.fusion import Calibration
 from lineguard.stream.bus import Bus, Entry, consumer_name
@@ -76,7 +76,7 @@ from lineguard.stream.protocol import (
     frame_identity,
 )
 from lineguard.stream.settings import Settings
-from lineguard.stream.worker import BundleWatcher, Reclaimer, line_key
+from lineguard.stream.worker import BackgroundLoad, BundleWatcher, Reclaimer, line_key
 
 log = structlog.get_logger("lineguard.decide")
 
@@ -242,6 +242,7 @@ class DecideStage:
         self.state_key = line_key(bus, "decide", "next")
         self._script = bus.client.register_script(_COMMIT_LUA)
         self.watcher: BundleWatcher | None = None
+        self.loading: BackgroundLoad[Bundle] = BackgroundLoad("decide")
         self._next_inflight_check = 0.0
         self._issued: dict[str, int] = {}  # camera -> ingest's next seq, as last read
         # camera without a counter -> (highest seq let through, holes it opened); kept apart
@@ -292,8 +293,8 @@ class DecideStage:
             self.cameras[name] = CameraState(next=nxt, hwm=nxt - 1)
         self.reclaimer.rest()
 
-    def _load_calibration(self) -> bool:
-        bundle = load_bundle(self.bundle_path)
+    def _load_calibration(self, bundle: Bundle | None = None) -> bool:
+        bundle = bundle if bundle is not None else load_bundle(self.bundle_path)
         version = bundle.version
         changed = version != self.current
         self.calibrations[version] = bundle.calibration
@@ -310,16 +311,22 @@ class DecideStage:
         self.reader.rewind()
 
     def teardown(self) -> None:
-        return None
+        self.loading.wait()
+        self.loading.take()
 
     def status(self) -> dict[str, Any]:
         observe_queue(self.bus, self.metrics, "scores", self.cfg.group)
-        return {
+        out: dict[str, Any] = {
             "model": self.current,
             "epoch": self.epoch,
             **self.counts,
-            "missing": sum(len(c.missing) for c in self.cameras.values()),
+            # list(): the heartbeat thread reads this while the loop may add a camera
+            "missing": sum(len(c.missing) for c in list(self.cameras.values())),
         }
+        loading = self.loading.status()
+        if loading is not None:
+            out["reload"] = loading
+        return out
 
     def done(self) -> bool:
         if any(c.missing for c in self.cameras.values()):
@@ -327,19 +334,40 @@ class DecideStage:
         stats = self.bus.group_stats("scores", self.cfg.group)
         return stats is None or stats.pending == 0
 
-    def reload(self) -> bool:
-        """Pick up the bundle now at ``bundle_path`` (its calibration); True if it changed."""
-        try:
-            changed = self._load_calibration()
-        except LineguardError as exc:
-            self.metrics.model_reloads.labels("decide", "failed").inc()
-            log.error("decide.reload_failed", path=str(self.bundle_path), error=str(exc))
+    def _apply_loaded(self) -> bool:
+        """Between batches: use the calibration a background load finished; True if the
+        model changed."""
+        done = self.loading.take()
+        if done is None:
             return False
+        bundle, error = done
+        if error is not None:
+            if not isinstance(error, LineguardError):
+                raise error  # a bug, not a bad bundle
+            self.metrics.model_reloads.labels("decide", "failed").inc()
+            log.error("decide.reload_failed", path=str(self.bundle_path), error=str(error))
+            return False
+        assert bundle is not None
+        changed = self._load_calibration(bundle)
         if changed:
             self.counts["reloads"] += 1
             self.metrics.model_reloads.labels("decide", "ok").inc()
             log.info("decide.reloaded", model=self.current)
         return changed
+
+    def _start_load(self) -> None:
+        self.loading.start(lambda: load_bundle(self.bundle_path))
+
+    def reload(self) -> bool:
+        """Pick up the bundle now at ``bundle_path`` (its calibration), waiting for it; True
+        if it changed. The step loop loads in the background instead; this is for scores
+        that name a version decide does not have yet, which cannot be judged without it."""
+        self.loading.wait()  # the load in flight may be the very version
+        if self._apply_loaded():
+            return True
+        self._start_load()
+        self.loading.wait()
+        return self._apply_loaded()
 
     # one step ----------------------------------------------------------------------
 
@@ -374,8 +402,9 @@ class DecideStage:
 
     def step(self) -> int:
         self._check_epoch()  # also for idle steps, which only resolve gaps and deadlines
+        self._apply_loaded()
         if self.watcher is not None and self.watcher.changed():
-            self.reload()
+            self._start_load()  # verified in the background; used from a later step
         reclaimed = self.reclaimer.take()
         if reclaimed:
             self.process(reclaimed)
@@ -497,7 +526,9 @@ class DecideStage:
                 scores.t_capture, t_event,
             )  # fmt: skip
         cal = self.calibrations.get(scores.model)
-        if cal is None and self.watcher is not None and self.watcher.changed(force=True):
+        if cal is None and (
+            self.loading.busy or (self.watcher is not None and self.watcher.changed(force=True))
+        ):
             self.reload()  # the bundle was replaced: its calibration may be the one needed
             cal = self.calibrations.get(scores.model)
         if cal is None:

@@ -3,22 +3,33 @@
 Per step, in order:
 
 1. **Hot reload.** Every couple of seconds the bundle's manifest is stat-ed; when it changed,
-   the new bundle is loaded, verified, opened and warmed up *before* it replaces the old one,
-   so no frame waits on a half-loaded model. Every ``Scores`` names the model version that
-   produced it, and decide calibrates with that version.
+   the new bundle is loaded, verified, opened and warmed up in a background thread
+   (``BackgroundLoad``) while the old model keeps scoring, and swapped in between two batches
+   once it is ready, so no frame waits on a half-loaded model and a reload that builds an
+   engine for minutes stalls nothing. Every ``Scores`` names the model version that produced
+   it, and decide calibrates with that version.
 2. **Reclaim.** Every ``reclaim_interval_ms`` entries that sat unacknowledged in some
    consumer's pending list for longer than ``reclaim_idle_ms`` (a worker that died mid-batch)
    are taken over with XAUTOCLAIM and scored here.
 3. **Batch.** XREADGROUP blocks only for the first entry; the batch is then topped up until
    ``max_batch`` entries or ``max_delay_ms`` after the first (``Bus.read_batch``). A restarted
    worker first re-reads its own unacknowledged backlog.
-4. **Score.** Each entry is decoded on its own: a message that is not a valid frame goes to the
-   dead stream with the decoder's reason; a valid frame whose image cannot be decoded becomes
-   that frame's error ``Scores`` (the rest of the batch is unaffected). The good images go
-   through the runtime in one call (runtimes that need fixed shapes pad to their buckets
-   inside); if the forward fails or returns the wrong number of rows, every frame of the
-   batch gets an error ``Scores``.
-5. **Publish and acknowledge** in one MULTI (``Bus.ack_with_result``).
+4. **Decode.** Each entry is decoded on its own: a message that is not a valid frame goes to
+   the dead stream with the decoder's reason; a valid frame whose image cannot be decoded
+   becomes that frame's error ``Scores`` (the rest of the batch is unaffected). Images are
+   decoded by a small thread pool straight into a staging batch allocated once per model
+   (page-locked on CUDA; ``lineguard.stream.staging``).
+5. **Score, overlapped.** The forward pass runs in its own thread. While batch *n* runs, the
+   loop reads batch *n+1* (without waiting when nothing is queued) and decodes it into the
+   other staging buffer; then it collects batch *n*'s outputs and submits *n+1*. If the
+   forward fails or returns the wrong number of rows, every frame of the batch gets an error
+   ``Scores``. Each ``Scores`` carries its own batch's times: ``decode`` (wall time of that
+   batch's decode), ``wait`` (decoded, waiting for the previous forward) and ``forward``
+   (``runtime.run`` alone).
+6. **Publish and acknowledge** batch *n* in one MULTI (``Bus.ack_with_result``), before batch
+   *n+1* is submitted, so batches are published in the order they were read. The batch in
+   flight when the worker stops is finished in ``teardown``; after a Redis failure it is
+   dropped unpublished and re-read from this consumer's pending list.
 
 Entries delivered more than ``max_deliveries`` times (they keep killing workers) are not run
 again: they get an error ``Scores`` (so the frame still receives an ``error`` verdict) and a
@@ -35,13 +46,16 @@ that covers every way a frame can vanish before scoring.
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import redis
 import structlog
 
 from lineguard.engines.bundle import Bundle, load_bundle
@@ -58,12 +72,11 @@ from lineguard.stream.protocol import (
     ProtocolError,
     Scores,
     decode_frame,
-    decode_image,
     frame_identity,
-    resize_to,
 )
 from lineguard.stream.settings import Settings
-from lineguard.stream.worker import BundleWatcher, Reclaimer
+from lineguard.stream.staging import DecodePool, plain_host_batch
+from lineguard.stream.worker import BackgroundLoad, BundleWatcher, Reclaimer
 
 log = structlog.get_logger("lineguard.infer")
 
@@ -91,12 +104,16 @@ def resolve_runtime(kind: str, device: str, bundle: Bundle) -> str:
     return "torch"
 
 
+STAGING_BUFFERS = 2  # one read by the forward in flight, one being decoded into
+
+
 @dataclass
 class LoadedModel:
-    """A verified bundle with its runtime open and warmed up."""
+    """A verified bundle with its runtime open and warmed up, and its staging buffers."""
 
     bundle: Bundle
     runtime: Runtime
+    staging: tuple[np.ndarray, ...] = ()
 
     @property
     def version(self) -> str:
@@ -119,14 +136,59 @@ def open_model(
     precision: str = "fp32",
     max_batch: int = 8,
     bundle: Bundle | None = None,
+    maps: bool = True,
 ) -> LoadedModel:
-    """Load and verify the bundle at ``path``, open its runtime and run a warm-up batch."""
+    """Load and verify the bundle at ``path``, open its runtime, allocate its staging buffers
+    and warm it up at batch 1 and ``max_batch`` (first-call allocations happen here, not on
+    live traffic; the torch runtime on CUDA captures every bucket's graph as it opens).
+
+    ``maps=False`` asks the torch runtime to bring back scores only (other runtimes compute
+    every output anyway and the worker drops what it does not publish).
+    """
     bnd = bundle if bundle is not None else load_bundle(path)
     kind = resolve_runtime(runtime, device, bnd)
-    rt = open_runtime(bnd, kind=kind, device=device, precision=precision, max_batch=max_batch)
-    # first-call allocations happen here, not on the first frame
-    rt.run(np.zeros((1, *bnd.config.input_size, 3), dtype=np.uint8))
-    return LoadedModel(bnd, rt)
+    options: dict[str, Any] = {"outputs": "maps" if maps else "scores"} if kind == "torch" else {}
+    rt = open_runtime(
+        bnd, kind=kind, device=device, precision=precision, max_batch=max_batch, **options
+    )
+    size = bnd.config.input_size
+    host_batch = getattr(rt, "host_batch", None)
+    staging = tuple(
+        host_batch(max_batch) if host_batch is not None else plain_host_batch(max_batch, *size)
+        for _ in range(STAGING_BUFFERS)
+    )
+    for buf in staging:
+        buf.fill(0)
+    rt.run(staging[0][:1])
+    if max_batch > 1:
+        rt.run(staging[0])
+    return LoadedModel(bnd, rt, staging)
+
+
+def decode_threads(requested: int) -> int:
+    """Threads of the decode pool: ``requested``, or with 0 as many as there are cores, at
+    most 4 (a 256² JPEG decodes in about a millisecond; more threads only contend)."""
+    if requested > 0:
+        return requested
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass
+class _Batch:
+    """One batch between its read and its publication (see the module docstring)."""
+
+    model: LoadedModel
+    t_read: float
+    ack_only: list[str] = field(default_factory=list)
+    work: list[tuple[Entry, Frame]] = field(default_factory=list)
+    poison: list[tuple[Entry, Frame]] = field(default_factory=list)
+    refused: list[Scores | None] = field(default_factory=list)
+    results: list[Scores | None] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # index into work of each staged image
+    images: np.ndarray | None = None  # staging[:len(rows)], compacted
+    decode_s: float = 0.0
+    t_decoded: float = 0.0
+    future: Future[tuple[Any, float, float]] | None = None
 
 
 class InferStage:
@@ -172,6 +234,11 @@ class InferStage:
         self.reload_interval_s = reload_interval_s
         self.model: LoadedModel | None = None
         self.watcher: BundleWatcher | None = None
+        self.loading: BackgroundLoad[LoadedModel | None] = BackgroundLoad("infer")
+        self.decoder = DecodePool(decode_threads(self.cfg.decode_threads), bus.limits)
+        self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="infer-forward")
+        self._inflight: _Batch | None = None
+        self._slot = 0  # which staging buffer the next batch is decoded into
         self.reader = bus.reader("frames", self.cfg.group, self.consumer)
         self.metrics = get_metrics()
         self.counts = {
@@ -245,6 +312,7 @@ class InferStage:
                 precision=self.precision,
                 max_batch=self.cfg.max_batch,
                 bundle=bnd,
+                maps=self.maps,
             )
             if bnd.is_current():
                 return model
@@ -258,20 +326,50 @@ class InferStage:
 
     def recover(self) -> None:
         """After a Redis failure: re-read what this consumer read but could not acknowledge
-        (the batch in flight), at once rather than after ``reclaim_idle_ms``."""
+        (the batch in flight), at once rather than after ``reclaim_idle_ms``. The batch whose
+        forward was running is dropped unpublished: the re-read scores it again."""
+        batch, self._inflight = self._inflight, None
+        if batch is not None and batch.future is not None:
+            try:
+                batch.future.result()  # its staging buffer is free only once it returned
+            except Exception:
+                log.debug("infer.dropped_batch_failed", exc_info=True)
         self.reader.rewind()
 
     def teardown(self) -> None:
-        if self.model is not None:
-            self.model.close()
+        try:
+            if self._inflight is not None:
+                batch, self._inflight = self._inflight, None
+                try:
+                    self._finish(batch)
+                except redis.RedisError as exc:
+                    log.warning(
+                        "infer.last_batch_unpublished",
+                        error=f"{type(exc).__name__}: {exc}",
+                        note="its frames stay pending; a peer or the next start scores them",
+                    )
+            self.loading.wait()
+            done = self.loading.take()
+            if done is not None and done[0] is not None:
+                done[0].close()
+        finally:
+            self._forward_pool.shutdown(wait=True)
+            self.decoder.close()
+            if self.model is not None:
+                self.model.close()
 
     def status(self) -> dict[str, Any]:
         observe_queue(self.bus, self.metrics, "frames", self.cfg.group)
-        return {
-            "model": self.model.version if self.model else None,
-            "runtime": self.model.runtime.kind if self.model else None,
+        model = self.model
+        out: dict[str, Any] = {
+            "model": model.version if model else None,
+            "runtime": model.runtime.kind if model else None,
             **self.counts,
         }
+        loading = self.loading.status()
+        if loading is not None:
+            out["reload"] = loading
+        return out
 
     def done(self) -> bool:
         stats = self.bus.group_stats("frames", self.cfg.group)
@@ -281,31 +379,69 @@ class InferStage:
 
     def step(self) -> int:
         assert self.model is not None, "setup() first"
+        self._swap_loaded()
         if self.watcher is not None and self.watcher.changed():
-            self.reload()
-        reclaimed = self.reclaimer.take()
-        if reclaimed:
-            self.process(reclaimed)
-            return len(reclaimed)
-        entries = self.reader.read_batch(
-            self.cfg.max_batch, self.cfg.max_delay_ms, self.cfg.block_ms
-        )
-        if entries:
-            self.process(entries)
+            self.loading.start(self._load_new)
+        if self._inflight is not None and self.reclaimer.due():
+            # finish first: a reclaim pass must not take over this worker's own batch in flight
+            done, self._inflight = self._inflight, None
+            self._finish(done)
+        busy = self._inflight is not None
+        entries = [] if busy else self.reclaimer.take()
+        if not entries:
+            # with a forward running, take only what is queued now: waiting here would hold
+            # back the publication of the batch in flight
+            entries = self.reader.read_batch(
+                self.cfg.max_batch,
+                0 if busy else self.cfg.max_delay_ms,
+                None if busy else self.cfg.block_ms,
+            )
+        batch = self._prepare(entries) if entries else None
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            self._finish(done)
+        if batch is not None:
+            self._submit(batch)
         return len(entries)
 
-    def reload(self) -> bool:
-        """Swap in the bundle now at ``bundle_path`` if it loads; True if the model changed."""
-        assert self.model is not None
-        try:
-            candidate = load_bundle(self.bundle_path)
-            if candidate.version == self.model.version:
-                return False
-            new = self._open(candidate)
-        except LineguardError as exc:
-            self.metrics.model_reloads.labels("infer", "failed").inc()
-            log.error("infer.reload_failed", path=str(self.bundle_path), error=str(exc))
+    def process(self, entries: list[Entry]) -> None:
+        """Score one batch of entries and publish it now (nothing left in flight)."""
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            self._finish(done)
+        if entries:
+            self._submit(self._prepare(entries))
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            self._finish(done)
+
+    def _load_new(self) -> LoadedModel | None:
+        """Background thread: the bundle now at the path, opened and warm; None when its
+        version is the one already running."""
+        candidate = load_bundle(self.bundle_path)
+        model = self.model
+        if model is not None and candidate.version == model.version:
+            return None
+        return self._open(candidate)
+
+    def _swap_loaded(self) -> bool:
+        """Between batches: swap in a model the background load finished; True if swapped."""
+        done = self.loading.take()
+        if done is None:
             return False
+        new, error = done
+        if error is not None:
+            if not isinstance(error, LineguardError):
+                raise error  # a bug, not a bad bundle
+            self.metrics.model_reloads.labels("infer", "failed").inc()
+            log.error("infer.reload_failed", path=str(self.bundle_path), error=str(error))
+            return False
+        if new is None:
+            return False
+        if self._inflight is not None:  # the old model's forward must end before it closes
+            batch, self._inflight = self._inflight, None
+            self._finish(batch)
+        assert self.model is not None
         old, self.model = self.model, new
         old.close()
         self.counts["reloads"] += 1
@@ -314,24 +450,30 @@ class InferStage:
         log.info("infer.reloaded", old=old.version, new=new.version)
         return True
 
+    def reload(self, timeout_s: float | None = None) -> bool:
+        """Load the bundle now at ``bundle_path`` and swap it in once ready (waiting up to
+        ``timeout_s``); True if the model changed. The worker loop does the same without
+        waiting."""
+        self.loading.start(self._load_new)
+        self.loading.wait(timeout_s)
+        return self._swap_loaded()
+
     # processing --------------------------------------------------------------------
 
-    def process(self, entries: list[Entry]) -> None:
-        """Score one batch of entries, publish one ``Scores`` per frame, acknowledge all."""
+    def _prepare(self, entries: list[Entry]) -> _Batch:
+        """Sort a batch's entries (trimmed, dead, poison, work) and decode the work's images
+        into the free staging buffer."""
         assert self.model is not None
         model = self.model
-        t_read = time.time()
+        batch = _Batch(model, time.time())
         limits = self.bus.limits
         m = self.metrics
         m.frames_in.labels("infer").inc(len(entries))
-        ack_only: list[str] = []
-        work: list[tuple[Entry, Frame]] = []
-        poison: list[tuple[Entry, Frame]] = []
-        refused: list[Scores | None] = []  # error verdicts for dead-lettered frames we can name
+        base = {"t_read": batch.t_read}
         for e in entries:
             if e.deleted:
                 # Delivered once, then trimmed away before it was acknowledged.
-                ack_only.append(e.id)
+                batch.ack_only.append(e.id)
                 self.counts["trimmed"] += 1
                 m.trimmed.labels("infer").inc()
                 log.warning("infer.trimmed_pending", count=1, first=e.id)
@@ -344,60 +486,86 @@ class InferStage:
                 frame = decode_frame(data, limits)
             except ProtocolError as exc:
                 self._dead(e, exc.reason, str(exc))
-                refused.append(self._refused(data, e, model, exc, {"t_read": t_read}))
+                batch.refused.append(self._refused(data, e, model, exc, base))
                 continue
             if frame.line != self.bus.line:
                 self._dead(e, "wrong_line", f"frame of line {frame.line!r} on {self.bus.line!r}")
                 continue
             if e.deliveries is not None and e.deliveries > self.cfg.max_deliveries:
-                poison.append((e, frame))
+                batch.poison.append((e, frame))
                 continue
-            work.append((e, frame))
+            batch.work.append((e, frame))
 
-        base = {"t_read": t_read}
-        results: list[Scores | None] = [None] * len(work)
-        images: list[np.ndarray] = []
-        rows: list[int] = []
+        batch.results = [None] * len(batch.work)
+        if not batch.work:
+            return batch
+        staging = model.staging[self._slot % len(model.staging)]
+        self._slot += 1
         t0 = time.perf_counter()
-        for i, (e, frame) in enumerate(work):
-            try:
-                img = decode_image(frame, limits)
-            except ProtocolError as exc:
+        frames = [frame for _e, frame in batch.work]
+        errors = self.decoder.decode_into(frames, staging)
+        for i, ((e, frame), bad) in enumerate(zip(batch.work, errors, strict=True)):
+            if bad is not None:
                 with frame_context(frame.key):
-                    log.warning("infer.bad_image", reason=exc.reason, error=str(exc))
-                results[i] = self._error(frame, e, model, f"cannot decode frame: {exc}", base)
+                    log.warning("infer.bad_image", reason=bad.reason, error=str(bad))
+                batch.results[i] = self._error(frame, e, model, f"cannot decode frame: {bad}", base)
                 continue
             self._check_encoding(frame, model)
-            if img.shape[:2] != model.size:
-                img = resize_to(img, model.size)
-            images.append(img)
-            rows.append(i)
-        decode_s = time.perf_counter() - t0
+            batch.rows.append(i)
+        if batch.rows:
+            if len(batch.rows) < len(batch.work):  # close the gaps the failed frames left
+                staging[: len(batch.rows)] = staging[batch.rows]
+            batch.images = staging[: len(batch.rows)]
+        batch.decode_s = time.perf_counter() - t0
+        batch.t_decoded = time.perf_counter()
+        return batch
 
+    def _submit(self, batch: _Batch) -> None:
+        """Start the batch's forward pass in the forward thread (or publish it at once when
+        it has no image to score)."""
+        if batch.images is None:
+            self._finish(batch)
+            return
+        batch.future = self._forward_pool.submit(_forward, batch.model.runtime, batch.images)
+        self._inflight = batch
+
+    def _finish(self, batch: _Batch) -> None:
+        """Wait for the batch's forward, turn its outputs into ``Scores``, publish and ack."""
+        model = batch.model
+        m = self.metrics
+        base = {"t_read": batch.t_read}
+        results = batch.results
         forward_s = 0.0
-        if images:
-            t1 = time.perf_counter()
+        if batch.future is not None:
+            n = len(batch.rows)
             failure: str | None = None
             scores = amap = seg = None
+            wait_s = 0.0
             try:
-                out = model.runtime.run(np.stack(images))
+                out, t_start, forward_s = batch.future.result()
+                wait_s = max(0.0, t_start - batch.t_decoded)
                 scores = np.asarray(out.scores, dtype=np.float64)
                 amap, seg = out.anomaly_map, out.segmentation
                 k = len(model.bundle.branches)
-                if scores.shape != (len(images), k):
+                if scores.shape != (n, k):
                     failure = (
-                        f"runtime returned scores of shape {scores.shape} for {len(images)} "
+                        f"runtime returned scores of shape {scores.shape} for {n} "
                         f"frames and {k} branches"
                     )
             except Exception as exc:  # any forward failure becomes each frame's error verdict
                 failure = f"inference failed: {type(exc).__name__}: {exc}"
-                log.exception("infer.forward_failed", batch=len(images))
-            forward_s = time.perf_counter() - t1
-            m.batch_size.observe(len(images))
+                log.error("infer.forward_failed", batch=n, exc_info=exc)
+            m.batch_size.observe(n)
             m.infer_seconds.observe(forward_s)
-            timings = {**base, "decode": decode_s, "forward": forward_s, "batch": len(images)}
-            for j, i in enumerate(rows):
-                e, frame = work[i]
+            timings = {
+                **base,
+                "decode": batch.decode_s,
+                "wait": wait_s,
+                "forward": forward_s,
+                "batch": n,
+            }
+            for j, i in enumerate(batch.rows):
+                e, frame = batch.work[i]
                 if failure is not None or scores is None:
                     results[i] = self._error(frame, e, model, failure or "no scores", timings)
                     continue
@@ -421,7 +589,7 @@ class InferStage:
                     self._seg(seg, amap, j),
                 )
 
-        for e, frame in poison:
+        for e, frame in batch.poison:
             reason = (
                 f"delivered {e.deliveries} times without completing (over "
                 f"LINEGUARD_INFER__MAX_DELIVERIES={self.cfg.max_deliveries}); dead-lettered"
@@ -430,10 +598,10 @@ class InferStage:
                 log.error("infer.poison", deliveries=e.deliveries, entry_id=e.id)
             results.append(self._error(frame, e, model, reason, base))
 
-        messages = [r for r in results + refused if r is not None]
+        messages = [r for r in results + batch.refused if r is not None]
         t_scored = time.time()
         messages = [_stamp(s, t_scored) for s in messages]
-        ids = [e.id for e, _ in work] + [e.id for e, _ in poison] + ack_only
+        ids = [e.id for e, _ in batch.work] + [e.id for e, _ in batch.poison] + batch.ack_only
         if ids or messages:
             self.bus.ack_with_result(
                 "frames",
@@ -443,7 +611,7 @@ class InferStage:
                 messages,
                 max_len=self.cfg.scores_max_len,
             )
-        for e, _frame in poison:
+        for e, _frame in batch.poison:
             self._dead(e, "max_deliveries", "delivered too often; an error verdict was published")
 
         n_err = sum(1 for s in messages if s.error is not None)
@@ -458,7 +626,7 @@ class InferStage:
             if q is not None:
                 m.batch_wait.observe(q)
                 m.stage_seconds.labels("queue").observe(q)
-            m.stage_seconds.labels("infer").observe(max(0.0, t_scored - t_read))
+            m.stage_seconds.labels("infer").observe(max(0.0, t_scored - batch.t_read))
         if messages:
             log.debug(
                 "infer.batch",
@@ -554,6 +722,13 @@ class InferStage:
             detail=detail,
             deliveries=e.deliveries,
         )
+
+
+def _forward(runtime: Runtime, images: np.ndarray) -> tuple[Any, float, float]:
+    """The forward thread's job: outputs, when it started (perf_counter) and how long it took."""
+    t0 = time.perf_counter()
+    out = runtime.run(images)
+    return out, t0, time.perf_counter() - t0
 
 
 def _stamp(s: Scores, t_scored: float) -> Scores:

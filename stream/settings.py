@@ -217,6 +217,9 @@ class InferSettings(_Section):
     reclaim_idle_ms: int = Field(default=30_000, ge=1)
     reclaim_interval_ms: int = Field(default=5_000, ge=1)
     max_deliveries: int = Field(default=3, ge=1, le=1000)
+    decode_threads: int = Field(
+        default=0, ge=0, le=64, description="frame decode threads; 0: one per core, at most 4"
+    )
     scores_max_len: int = Field(default=10_000, ge=1, description="MAXLEN ~ of the scores stream")
 
     @field_validator("group")

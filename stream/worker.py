@@ -10,6 +10,12 @@ entries it handled) and ``teardown()``. ``run_worker`` adds what they have in co
   SIGINT interrupts at once.
 * **Heartbeat**: ``<prefix>:{line}:health:<stage>:<consumer>`` holds a small JSON status with
   a TTL; ``lineguard health`` turns the keys into an exit code. A clean exit deletes the key.
+  It is written from its own thread (``HeartbeatThread``), so a long step (a big batch, a
+  slow server) cannot let it expire, but only while the loop keeps completing steps: a loop
+  stuck for ``stall_s`` stops beating and the probes see a dead worker, as they should.
+* **Reloads off the hot path**: a stage loads a new bundle version with ``BackgroundLoad``
+  (verify, build, warm up in a thread) and swaps it in between two batches; its status says
+  ``loading since …`` meanwhile.
 * **Transient Redis failures** (after redis-py's own retries) are logged and retried with a
   capped backoff rather than killing the worker; a stage with a ``recover()`` method is told,
   so it can re-read what it held unacknowledged. Anything else is a bug and propagates, the
@@ -30,7 +36,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 import structlog
@@ -39,9 +45,14 @@ from lineguard.stream.bus import Bus, Entry, StreamName
 from lineguard.stream.logs import bind_worker
 
 log = structlog.get_logger("lineguard.worker")
+T = TypeVar("T")
 
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 10
+# A loop that has not finished a step for this long is stuck: its heartbeat thread stops, the
+# key expires and the probes restart it. Far above any step (a blocking read is ≤ 1 s, a batch
+# seconds on a CPU), far below what an operator would tolerate.
+HEARTBEAT_STALL_S = 120.0
 _MAX_BACKOFF_S = 5.0
 
 
@@ -157,6 +168,53 @@ class Heartbeat:
             log.warning("worker.heartbeat_clear_failed", error=str(exc))
 
 
+class HeartbeatThread:
+    """Calls ``Heartbeat.beat`` every interval from a daemon thread, while the loop lives.
+
+    The loop calls ``progress()`` after each step; when none came for ``stall_s`` the thread
+    skips its beats (and logs why) until one does. A failed write (server away) is logged and
+    retried at the next interval; the loop's own error handling deals with the server.
+    """
+
+    def __init__(self, heartbeat: Heartbeat, *, stall_s: float = HEARTBEAT_STALL_S) -> None:
+        self.heartbeat = heartbeat
+        self.stall_s = stall_s
+        self._last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._stalled = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-{heartbeat.stage.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def progress(self) -> None:
+        self._last_progress = time.monotonic()
+
+    def _run(self) -> None:
+        interval = max(0.05, self.heartbeat.interval_s)
+        while not self._stop.wait(interval):
+            idle = time.monotonic() - self._last_progress
+            if idle > self.stall_s:
+                if not self._stalled:
+                    log.error("worker.stalled", idle_s=round(idle, 1), stall_s=self.stall_s)
+                self._stalled = True
+                continue
+            self._stalled = False
+            try:
+                self.heartbeat.beat(force=True)
+            except redis.RedisError as exc:
+                log.warning("worker.heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # a status() bug must not kill the thread silently
+                log.exception("worker.heartbeat_failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.heartbeat.interval_s + 5)
+
+
 def run_worker(
     stage: Stage,
     bus: Bus,
@@ -166,6 +224,7 @@ def run_worker(
     handle_signals: bool = True,
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
     heartbeat_ttl_s: int = HEARTBEAT_TTL_S,
+    heartbeat_stall_s: float = HEARTBEAT_STALL_S,
     on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Run ``stage`` until ``stop`` is set (or, with ``burst``, until it is done).
@@ -183,12 +242,14 @@ def run_worker(
         if on_ready is not None:
             on_ready()
         backoff = 0.1
+        beating = HeartbeatThread(heartbeat, stall_s=heartbeat_stall_s)
         try:
             heartbeat.beat(force=True)
+            beating.start()
             while not flag.is_set():
                 try:
                     n = stage.step()
-                    heartbeat.beat()
+                    beating.progress()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning(
                         "worker.redis_unavailable",
@@ -207,8 +268,9 @@ def run_worker(
                     log.info("worker.burst_done", handled=handled)
                     break
         finally:
+            beating.stop()
+            stage.teardown()  # may still publish the batch in flight: beat until it is done
             heartbeat.clear()
-            stage.teardown()
             log.info("worker.stopped", handled=handled, **_short_status(stage))
     return handled
 
@@ -252,6 +314,77 @@ class BundleWatcher:
             return False
         self._signature = sig
         return True
+
+
+class BackgroundLoad(Generic[T]):
+    """One load at a time in a daemon thread; the loop collects the result between batches.
+
+    Loading a bundle means verifying hashes, building a runtime (minutes for a TensorRT
+    engine), capturing CUDA graphs and warming up: all of it here, while the old model keeps
+    scoring. ``start`` does nothing while a load runs (the watcher reports the next change
+    again, and the load in flight reads the path afresh at its end anyway). ``take`` returns
+    the finished load at most once, as ``(value, None)`` or ``(None, error)``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done: tuple[T | None, BaseException | None] | None = None
+        self.since: float | None = None  # wall clock of the load in flight
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._thread is not None and self._done is None
+
+    def start(self, load: Callable[[], T]) -> bool:
+        """Run ``load`` in the background; False if one is already running or not taken."""
+        with self._lock:
+            if self._thread is not None:
+                return False
+            self.since = time.time()
+            self._thread = threading.Thread(
+                target=self._run, args=(load,), name=f"load-{self.name}", daemon=True
+            )
+            self._thread.start()
+        return True
+
+    def _run(self, load: Callable[[], T]) -> None:
+        result: tuple[T | None, BaseException | None]
+        try:
+            result = (load(), None)
+        except BaseException as exc:  # handed to the loop, which decides what it means
+            result = (None, exc)
+        with self._lock:
+            self._done = result
+
+    def take(self) -> tuple[T | None, BaseException | None] | None:
+        """The finished load, once; None while it runs or when none was started."""
+        with self._lock:
+            if self._done is None:
+                return None
+            done, self._done = self._done, None
+            self._thread = None
+            self.since = None
+            return done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the load in flight; True when none is running any more."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def status(self) -> str | None:
+        """``loading since <UTC time>`` while a load runs (for the heartbeat)."""
+        since = self.since
+        if since is None or not self.busy:
+            return None
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        return f"loading since {stamp} ({time.time() - since:.0f} s)"
 
 
 class ConsumerPruner:
@@ -326,6 +459,10 @@ class Reclaimer:
     def rest(self) -> None:
         """Wait a full interval before the first pass (a worker that just started)."""
         self.next_at = time.monotonic() + self.every_s
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether the next ``take`` runs a page (rather than returning nothing at once)."""
+        return (time.monotonic() if now is None else now) >= self.next_at
 
     def take(self, now: float | None = None) -> list[Entry]:
         now = time.monotonic() if now is None else now

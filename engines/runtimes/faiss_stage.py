@@ -112,6 +112,8 @@ class FaissStage:
         scores = np.array(out.scores, dtype=np.float32, copy=True)
         # the score on the descriptor grid, the map resampled as in the graph (engines.knn)
         scores[:, self.column] = knn_map.max(axis=(1, 2, 3))
+        if out.anomaly_map is None:  # a runtime asked for scores only
+            return Outputs(scores, None, out.segmentation)
         shown = to_map(torch.from_numpy(knn_map), self.map_size).numpy()
         return Outputs(scores, out.anomaly_map + shown, out.segmentation)
 

@@ -11,11 +11,17 @@ a CUDA graph. I/O buffers are torch CUDA tensors allocated once for ``max_batch`
 name on every call; kernels run on a torch-owned, non-default CUDA stream, so no pycuda and no
 second CUDA context are involved.
 
-Precision (``plan_precision``): TensorRT 10 builds weakly typed networks and fp16 comes from
-``BuilderFlag.FP16``, with the Patch Histogram / Mahalanobis layers pinned to fp32 (the inverse
-covariance can have large entries). TensorRT 11 removed weak typing and the precision builder
-flags: every network is strongly typed, so fp16 needs an fp16 graph, which ``fp16_onnx`` makes
-from the fp32 export.
+Precision (``plan_precision``): TensorRT 10 before 10.12 builds weakly typed networks and fp16
+comes from ``BuilderFlag.FP16``, with the Patch Histogram / Mahalanobis layers pinned to fp32
+(the inverse covariance can have large entries). TensorRT 10.12 deprecated weak typing and
+TensorRT 11 removed it with the precision builder flags, so from 10.12 on every network is
+built strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``, which 11 accepts and
+ignores): fp16 then needs an fp16 graph, which ``fp16_onnx`` makes from the fp32 export.
+
+Types at the edges follow what TensorRT documents for UINT8: it converts only to and from
+FLOAT/HALF. So the exported graph casts the uint8 images to float before any other layer
+(``CSADModel.preprocess``) and takes the class map to uint8 through float
+(``CSADModel.forward``), never through int32 or int64.
 
 TensorRT is imported inside functions only (ruff TID253): importing this module works on any
 machine, and opening the runtime without TensorRT or a GPU raises ``RuntimeUnavailableError``.
@@ -73,6 +79,7 @@ MIN_TRT_MAJOR = 10
 
 
 STRONG_TYPING_ONLY_MAJOR = 11  # TensorRT 11 removed weakly typed networks and BuilderFlag.FP16
+STRONG_TYPING_FROM = (10, 12)  # weak typing deprecated: build strongly typed from here on
 
 
 _OUTPUT_DTYPES = {"scores": "FLOAT", "anomaly_map": "FLOAT", "segmentation": "UINT8"}
@@ -124,12 +131,20 @@ def trt_major(version: str) -> int:
     return int(match.group(1))
 
 
+def trt_version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string such as ``"10.13.0.35"``."""
+    major = trt_major(version)
+    match = re.match(r"\s*\d+\.(\d+)", version)
+    return major, int(match.group(1)) if match else 0
+
+
 @dataclass(frozen=True)
 class PrecisionPlan:
     """How to build an engine at a precision with one TensorRT major version.
 
-    - ``strongly_typed``: the network takes its types from the graph (TensorRT ≥ 11 always;
-      ``create_network()`` with no flags, since ``EXPLICIT_BATCH`` is implied from 10 on);
+    - ``strongly_typed``: the network takes its types from the graph (TensorRT ≥ 10.12;
+      ``create_network`` gets the ``STRONGLY_TYPED`` flag; ``EXPLICIT_BATCH`` is implied
+      from 10 on);
     - ``builder_flags``: ``BuilderFlag`` member names to set on the builder config;
     - ``needs_fp16_onnx``: the ONNX must be converted to fp16 before parsing;
     - ``pin_fp32_layers``: pin the Patch Histogram layers to fp32 (weakly typed fp16 only).
@@ -141,8 +156,10 @@ class PrecisionPlan:
     pin_fp32_layers: bool
 
 
-def plan_precision(major: int, precision: str) -> PrecisionPlan:
-    """Decide the build strategy for ``precision`` on TensorRT ``major``."""
+def plan_precision(version: int | tuple[int, int], precision: str) -> PrecisionPlan:
+    """Decide the build strategy for ``precision`` on TensorRT ``version`` ((major, minor);
+    a bare major means its ``.0``)."""
+    major, minor = (version, 0) if isinstance(version, int) else version
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     if major < MIN_TRT_MAJOR:
@@ -151,7 +168,7 @@ def plan_precision(major: int, precision: str) -> PrecisionPlan:
             f"(named I/O tensors, execute_async_v3); {INSTALL_HINT}"
         )
     fp16 = precision == "fp16"
-    if major >= STRONG_TYPING_ONLY_MAJOR:
+    if (major, minor) >= STRONG_TYPING_FROM:
         return PrecisionPlan(True, (), needs_fp16_onnx=fp16, pin_fp32_layers=False)
     if fp16:
         return PrecisionPlan(
@@ -286,7 +303,12 @@ def _build_engine(
     import tensorrt as trt
 
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is implied from TensorRT 10 on
+    flags = 0  # explicit batch is implied from TensorRT 10 on
+    if plan.strongly_typed:
+        strong = trt.NetworkDefinitionCreationFlag.__members__.get("STRONGLY_TYPED")
+        if strong is not None:  # a TensorRT that dropped the flag types every network strongly
+            flags |= 1 << int(strong)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     model: onnx.ModelProto | None = None
     if plan.needs_fp16_onnx or plan.pin_fp32_layers:
@@ -401,7 +423,7 @@ class TensorRTRuntime:
                 f"device {device!r} does not exist: this machine has "
                 f"{torch.cuda.device_count()} CUDA device(s)"
             )
-        plan = plan_precision(trt_major(trt_version), precision)
+        plan = plan_precision(trt_version_tuple(trt_version), precision)
         onnx_path = bundle.onnx_path
         if onnx_path is None:
             raise BundleError(
@@ -493,7 +515,9 @@ class TensorRTRuntime:
             )
 
     def _allocate(self, engine: trt.ICudaEngine, context: trt.IExecutionContext) -> None:
-        """Device buffers for ``max_batch`` rows (bound by name) and pinned host mirrors."""
+        """Device buffers for ``max_batch`` rows and pinned host mirrors; each device buffer's
+        address is bound once, here: rows ``[:n]`` of a contiguous buffer start at its base,
+        so a smaller batch only changes the input shape."""
         if not context.set_input_shape(INPUT_NAME, _dims(self.profile.shapes(self.size)[2])):
             raise BundleError(f"engine {self.engine_path} refused batch {self.max_batch}")
         device = torch.device("cuda", self._device_index)
@@ -504,8 +528,11 @@ class TensorRTRuntime:
                     f"engine tensor {name!r} has shape {shape} at batch {self.max_batch}"
                 )
             dtype = trt_dtype_to_torch(engine.get_tensor_dtype(name).name)
-            self._device_buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+            self._device_buffers[name] = buffer
             self._host_buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
+            if not context.set_tensor_address(name, buffer.data_ptr()):
+                raise BundleError(f"TensorRT refused the address of tensor {name!r}")
 
     def _run_chunk(self, images: np.ndarray) -> Outputs:
         context = self._context
@@ -518,8 +545,6 @@ class TensorRTRuntime:
             dev[INPUT_NAME][:n].copy_(host[INPUT_NAME][:n], non_blocking=True)
             if not context.set_input_shape(INPUT_NAME, _dims([n, *self.size, 3])):
                 raise RuntimeUnavailableError(f"TensorRT refused batch size {n}")
-            for name, buffer in dev.items():  # rows [:n] of a contiguous buffer start at its base
-                context.set_tensor_address(name, buffer.data_ptr())
             if not context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeUnavailableError(
                     f"TensorRT failed to run a batch of {n} (see the TensorRT log)"

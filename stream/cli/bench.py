@@ -1,8 +1,8 @@
 """``lineguard bench``: benchmarks that print a table and write JSON — the model alone per
 runtime and batch (``model``), the patch-bank search (``knn``), the whole line through Redis
 (``e2e``), a long run at a fixed rate (``soak``), the verdict sinks (``sinks``), the verdict
-history's throughput and outage recovery (``history``) and the operators' corrections fed
-back (``feedback``)."""
+history's throughput and outage recovery (``history``), the operators' corrections fed back
+(``feedback``) and the prepared GPU check (``gpu``)."""
 
 from __future__ import annotations
 
@@ -210,6 +210,37 @@ def bench_e2e_cmd(
     )
     console.print(result_table(result))
     write_json(json_path, result)
+
+
+@app.command("gpu")
+@friendly_errors
+def bench_gpu_cmd(
+    device: Annotated[
+        str, typer.Option(metavar="cuda[:N]|cpu", help="cpu: a quick dry run on tiny settings.")
+    ] = "cuda",
+    max_batch: Annotated[
+        int | None, typer.Option(metavar="N", help="Largest batch of the sweep (cuda: 256).")
+    ] = None,
+    e2e_frames: Annotated[
+        int | None, typer.Option(metavar="N", help="Frames of the e2e part (cuda: 2000).")
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """The GPU infer path in one command (< 8 min): parity of torch-CUDA fp32/fp16, graphs on
+    and off, against the CPU; a batch sweep of the lite and paper profiles; bench e2e with a
+    GPU infer worker."""
+    from lineguard.stream.tools.gpu_check import GpuCheckPlan, run_check, summary_lines
+
+    plan = GpuCheckPlan.for_device(device, max_batch=max_batch, e2e_frames=e2e_frames)
+    result = run_check(plan, say=lambda msg: err_console.print(f"[dim]{msg}…[/dim]"))
+    table = Table(title=f"lineguard bench gpu ({result['machine'].get('gpu', device)})")
+    table.add_column("result", no_wrap=True)
+    for line in summary_lines(result):
+        table.add_row(line)
+    console.print(table)
+    write_json(json_path, result)
+    if not result["ok"]:
+        raise typer.Exit(code=1)
 
 
 @app.command("soak")

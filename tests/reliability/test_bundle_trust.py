@@ -125,7 +125,11 @@ def test_an_untrusted_replacement_is_refused_and_the_line_keeps_its_bundle(
     def run_both() -> None:
         for _ in range(6):
             if infer.step() + decide.step() == 0:
-                return
+                break
+        # replacements load in the background: let them end, and the next steps see how
+        assert infer.loading.wait(60) and decide.loading.wait(60)
+        infer.step()
+        decide.step()
 
     ing.send(GOOD)
     run_both()

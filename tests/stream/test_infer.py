@@ -185,8 +185,10 @@ def test_hot_reload_swaps_the_bundle_between_batches(
     drain(stage)
     second = split_bundle(tmp_path / "bundle", threshold_shift=1.0)  # replaced in place
     assert second.version != first.version
+    stage.step()  # notices the new bundle and loads it in the background ...
+    assert stage.loading.wait(60)
     ing.send(GOOD)
-    drain(stage)
+    drain(stage)  # ... and swaps it in before the next batch
     versions = [s.model for s in read_scores(bus)]
     assert versions == [first.version, second.version]
     assert stage.counts["reloads"] == 1
@@ -240,3 +242,28 @@ def test_frames_encoded_unlike_the_bundle_are_warned_about_once(bus: Bus, redis_
         ("cam0", "jpeg", "raw")
     ]
     assert len(read_scores(bus)) == 6  # warned, still scored
+
+
+def test_the_next_batch_is_read_and_decoded_while_the_forward_runs(
+    bus: Bus, redis_url: str
+) -> None:
+    """16 queued frames, max_batch 8: the second batch is read (and decoded) before the first
+    is published, batches are still published in order, and each frame's timings are its own
+    batch's."""
+    stage = make_stage(bus, redis_url, **{"infer.max_batch": 8})
+    ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="png")
+    for _ in range(16):
+        ing.send(GOOD)
+    assert stage.step() == 8  # read, decoded, submitted: not yet published
+    assert read_scores(bus) == []
+    assert stage.step() == 8  # reads the second batch, then publishes the first
+    first = read_scores(bus)
+    assert [s.seq for s in first] == list(range(8))
+    drain(stage)
+    out = read_scores(bus)
+    assert [s.seq for s in out] == list(range(16))
+    a, b = out[0].timings, out[8].timings
+    assert b["t_read"] < a["t_scored"]  # overlapped: read before the first batch was out
+    for t in (a, b):
+        assert t["batch"] == 8 and t["forward"] > 0 and t["decode"] > 0 and t["wait"] >= 0
+    assert bus.pending("frames", "infer") == []
