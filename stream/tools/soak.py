@@ -267,7 +267,8 @@ def soak(
                 pipeline.start()
                 cmd = [sys.executable, "-m", "lineguard.stream.cli", "ingest",
                        "--source", str(folder), "--loop", "--rate", f"{rate:g}",
-                       "--size", str(size), "--bundle", str(bundle_path)]  # fmt: skip
+                       "--size", "x".join(map(str, size)),
+                       "--bundle", str(bundle_path)]  # fmt: skip
                 env = {**os.environ, **settings_env(cfg, url)}
                 ingest = subprocess.Popen(cmd, env=env)
                 result = _watch(soaker, pipeline, ingest, minutes, sample_s, report_s,
