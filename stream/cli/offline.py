@@ -92,7 +92,8 @@ def synth(
     ],
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
     kind: Annotated[
-        Literal["tray", "connectors"], typer.Option(help="Which synthetic product.")
+        Literal["tray", "connectors", "pushpins", "screwbag", "bottle"],
+        typer.Option(help="Which synthetic product."),
     ] = "tray",
     size: Annotated[int, typer.Option(metavar="PX", help="Image side in pixels.")] = 256,
     train: Annotated[int, typer.Option(metavar="N", help="Good training images.")] = 200,
