@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import pytest
 
 from lineguard.engines.errors import ConfigError
@@ -42,6 +43,7 @@ def test_bench_runs_each_family_and_writes_rows(tmp_path: Path) -> None:
         preset=TINY_PRESET,
         input_size=64,
         json_path=out,
+        keep=True,
         log=lambda _m: None,
     )
     assert [r.family for r in rows] == ["screwbag"]
@@ -56,4 +58,24 @@ def test_bench_runs_each_family_and_writes_rows(tmp_path: Path) -> None:
     saved = json.loads(out.read_text())
     assert [r["family"] for r in saved["rows"]] == ["screwbag"]
     assert saved["wall_s"] <= wall and saved["counts"]["size"] == 64
-    assert not (tmp_path / "work" / "screwbag-1").exists()  # lines are not kept by default
+    bundle = tmp_path / "work" / "screwbag-1.bundle"
+    sheet = cv2.imread(str(bundle / "report" / "components.png"))
+    assert sheet is not None and sheet.shape[0] > 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    classes = manifest["extra"]["components"]
+    assert [c["class"] for c in classes] == manifest["model"]["class_names"][1:]
+    assert all(0 <= c["images"] <= c["of_images"] == 6 for c in classes)
+
+
+def test_bench_removes_lines_unless_kept(tmp_path: Path) -> None:
+    counts = LineCounts(train=3, validation=2, test_good=2, logical=4, structural=3, size=48)
+    rows, _ = bench_logical(
+        ["bottle"],
+        tmp_path,
+        counts=counts,
+        preset=TINY_PRESET,
+        input_size=64,
+        log=lambda _m: None,
+    )
+    assert rows[0].seed == SEEDS["bottle"][1] and rows[0].role == "report"
+    assert not (tmp_path / "bottle-0").exists() and not (tmp_path / "bottle-0.bundle").exists()
