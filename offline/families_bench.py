@@ -169,7 +169,7 @@ def bench_logical(
         )
         t1 = time.perf_counter()
         log(f"{family}: train ({name})")
-        sized = {} if input_size is None else {"input_size": input_size}
+        sized: dict[str, Any] = {} if input_size is None else {"input_size": input_size}
         train_bundle(line, bundle, preset=preset, progress=False, restart=True, log=log, **sized)
         t2 = time.perf_counter()
         evaluation = evaluate_bundle(bundle, line, out_dir=root / f"{family}-{seed}.eval")
