@@ -37,6 +37,7 @@ def refit_bundle(
     patch_search: str | None = None,
     position_prior: bool | None = None,
     position_scale: bool | None = None,
+    hist_grids: tuple[int, ...] | None = None,
     normalisation: str | None = None,
     fusion: str | None = None,
     target_frr: float | None = None,
@@ -51,7 +52,9 @@ def refit_bundle(
     the data as ``lineguard train`` does (a share of all training patches, capped), and so does
     ``None`` when ``patch_descriptor`` changes the descriptor (the old size was chosen for
     another descriptor grid). The patch descriptors are always recomputed from the images
-    through the backbone, so a new descriptor needs no retraining.
+    through the backbone, so a new descriptor needs no retraining. ``hist_grids`` changes the
+    Patch Histogram's grids: its Gaussians are fitted on the segmentation's labels, so they too
+    need no retraining.
     """
     source = load_bundle(bundle_dir)
     if Path(out).resolve() == source.path.resolve():
@@ -90,6 +93,7 @@ def refit_bundle(
         ),
         position_prior=prior,
         position_scale=ModelConfig.position_scale_for(prior, position_scale, old.position_scale),
+        hist_grids=old.hist_grids if hist_grids is None else tuple(hist_grids),
     )
     if config.fewshot_shots > len(train_images):
         raise ConfigError(
@@ -127,5 +131,7 @@ def refit_bundle(
 
 
 def _refitted(key: str) -> bool:
-    """Tensors that refit computes afresh: the banks and the position prior."""
-    return key.split(".")[0] in BANK_BRANCHES or key.startswith("prior_")
+    """Tensors that refit computes afresh: the banks, the position prior, the histograms'
+    Gaussians (calibration fits them again, whatever the grids)."""
+    head = key.split(".")[0]
+    return head in BANK_BRANCHES or head == "patch_hist" or key.startswith("prior_")

@@ -16,6 +16,7 @@ from lineguard.stream.cli.common import (
     console,
     err_console,
     friendly_errors,
+    split_list,
     write_json,
 )
 from lineguard.stream.cli.options import Encoding, JsonOpt
@@ -297,6 +298,10 @@ def refit(
     patch_search: Annotated[PatchSearch | None, typer.Option(help=PATCH_SEARCH_HELP)] = None,
     position_prior: PositionPriorOpt = None,
     position_scale: PositionScaleOpt = None,
+    hist_grids: Annotated[
+        str | None,
+        typer.Option(metavar="G,…", help="Patch Histogram grids, e.g. 1,2,4 (must divide PX)."),
+    ] = None,
     normalisation: Annotated[Normalisation | None, typer.Option(help=NORMALISATION_HELP)] = None,
     fusion: Annotated[Fusion | None, typer.Option(help=FUSION_HELP)] = None,
     target_frr: Annotated[float | None, typer.Option(metavar="RATE", help=TARGET_FRR_HELP)] = None,
@@ -332,6 +337,7 @@ def refit(
         patch_search=patch_search,
         position_prior=position_prior,
         position_scale=position_scale,
+        hist_grids=None if hist_grids is None else tuple(split_list(hist_grids, int)),
         normalisation=normalisation,
         fusion=fusion,
         target_frr=target_frr,
