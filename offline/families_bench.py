@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lineguard.engines.bench.machine import machine_info
 from lineguard.engines.errors import ConfigError
 from lineguard.offline.evaluate import evaluate_bundle
 from lineguard.offline.synth import PRODUCTS, make_line
@@ -137,6 +136,7 @@ def bench_logical(
     input_size: int | None = None,
     json_path: Path | str | None = None,
     keep: bool = False,
+    machine: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[list[FamilyRow], float]:
     """Synthesise, train (``train_bundle`` with its defaults) and evaluate each family in turn.
@@ -144,6 +144,7 @@ def bench_logical(
     Returns the rows and the whole wall time in seconds. Lines and bundles live under
     ``workdir`` and are removed after each family unless ``keep`` (the evaluation reports
     stay). ``input_size`` is for tests only: the benchmark's numbers use train's default.
+    ``machine`` (what the CLI's ``engines.bench.machine_info`` says) is copied into the JSON.
     """
     name = preset if isinstance(preset, str) else "custom"
     counts = counts or LineCounts()
@@ -179,7 +180,7 @@ def bench_logical(
         )
         log(f"{family}: logical {rows[-1].logical} structural {rows[-1].structural}")
         if json_path is not None:
-            write_rows(json_path, rows, time.perf_counter() - t_all, name, counts)
+            write_rows(json_path, rows, time.perf_counter() - t_all, name, counts, machine)
         if not keep:
             for p in (line, bundle, Path(f"{bundle}.work")):
                 shutil.rmtree(p, ignore_errors=True)
@@ -194,10 +195,14 @@ def mean(values: Sequence[float | None]) -> float | None:
 
 
 def rows_to_json(
-    rows: Sequence[FamilyRow], wall_s: float, preset: str, counts: LineCounts
+    rows: Sequence[FamilyRow],
+    wall_s: float,
+    preset: str,
+    counts: LineCounts,
+    machine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
-        "machine": machine_info(),
+        "machine": machine or {},
         "preset": preset,
         "counts": asdict(counts),
         "wall_s": wall_s,
@@ -208,6 +213,12 @@ def rows_to_json(
 
 
 def write_rows(
-    path: Path | str, rows: Sequence[FamilyRow], wall_s: float, preset: str, counts: LineCounts
+    path: Path | str,
+    rows: Sequence[FamilyRow],
+    wall_s: float,
+    preset: str,
+    counts: LineCounts,
+    machine: dict[str, Any] | None = None,
 ) -> None:
-    Path(path).write_text(json.dumps(rows_to_json(rows, wall_s, preset, counts), indent=1) + "\n")
+    data = rows_to_json(rows, wall_s, preset, counts, machine)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")

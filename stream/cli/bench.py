@@ -167,9 +167,7 @@ def bench_logical_cmd(
     seeds: Annotated[
         str, typer.Option(metavar="report|selection", help="Which seed of each family.")
     ] = "report",
-    preset: Annotated[
-        str, typer.Option(metavar="NAME", help="train's preset.")
-    ] = "default",
+    preset: Annotated[str, typer.Option(metavar="NAME", help="train's preset.")] = "default",
     size: Annotated[int, typer.Option(metavar="PX", help="Image side.")] = 256,
     train: Annotated[int, typer.Option(metavar="N", help="Good training images.")] = 200,
     validation: Annotated[int, typer.Option(metavar="N", help="Good validation images.")] = 100,
@@ -183,6 +181,7 @@ def bench_logical_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Synthesise, train and evaluate each family: logical, structural, per branch, FRR."""
+    from lineguard.engines.bench.machine import machine_info
     from lineguard.offline.families_bench import (
         LineCounts,
         bench_logical,
@@ -202,6 +201,7 @@ def bench_logical_cmd(
         preset=preset,
         json_path=json_path,
         keep=keep,
+        machine=machine_info(),
         log=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False),
     )
     branches = sorted({b for r in rows for b in r.branches})
