@@ -49,6 +49,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 CALIBRATION = "calibration.json"
 ONNX = "model.onnx"
+REPORT = "report"  # for people: what training found (contact sheet of component classes)
 ENGINE_CACHE = "engines"
 REQUIRED = (WEIGHTS, CALIBRATION)
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -148,11 +149,14 @@ def save_bundle(
     opset: int = 17,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    report: dict[str, bytes] | None = None,
 ) -> Bundle:
     """Write ``model`` and ``calibration`` as a bundle at ``path``, atomically.
 
     The bundle is assembled in a sibling temporary directory and moved into place at the end,
-    so a worker watching ``path`` never sees a half-written bundle.
+    so a worker watching ``path`` never sees a half-written bundle. ``report`` files (what
+    training found, for people) go under ``report/``: they are not part of the model, so they
+    are neither hashed into its version nor needed to load it.
     """
     path = Path(path)
     if calibration.branches != model.config.branches:
@@ -168,6 +172,11 @@ def save_bundle(
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS))
         (staging / CALIBRATION).write_text(json.dumps(calibration.to_json(), indent=2))
+        for name, data in (report or {}).items():
+            if Path(name).name != name or name.startswith("."):
+                raise ConfigError(f"report file name {name!r} must be a plain file name")
+            (staging / REPORT).mkdir(exist_ok=True)
+            (staging / REPORT / name).write_bytes(data)
         if export_onnx:
             from lineguard.engines.export import export_onnx as _export
 

@@ -89,7 +89,11 @@ class ModelConfig:
     input_size: InputSize = (256, 256)
     profile: str = "lite"
     class_names: tuple[str, ...] = ("background", "component")
-    hist_grids: tuple[int, ...] = (1, 2)
+    # Patch Histogram grids. CSAD's 1 + 2 cannot tell where inside a half of the image a part
+    # lies; chosen with docs/families/oracle_grids.py on the five synthetic families'
+    # selection seeds (ground-truth maps, no report seed): mean logical AUROC 0.813 with 1,2
+    # and 0.831 with 1,2,4 (tray swaps 0.92 -> 1.00, bottle label shifts 0.61 -> 0.90).
+    hist_grids: tuple[int, ...] = (1, 2, 4)
     seed: int = 0
     patch_bank: int = 0  # size of the patch memory bank; 0 leaves the branch out
     hist_bank: int = 0  # good images in the class-histogram bank (PSAD); 0 leaves it out

@@ -50,6 +50,7 @@ def refit_bundle(
     patch_search: str | None = None,
     position_prior: bool | None = None,
     position_scale: bool | None = None,
+    hist_grids: tuple[int, ...] | None = None,
     normalisation: str | None = None,
     fusion: str | None = None,
     fusion_recipe: str | None = None,
@@ -70,7 +71,9 @@ def refit_bundle(
     another descriptor grid). The patch descriptors are always recomputed from the images
     through the backbone, so a new descriptor needs no retraining. ``fusion_recipe`` (``auto``,
     ``assembly``, ``surface``, ``all`` or branch names) chooses the fused branches; ``None``
-    keeps the bundle's recipe, so a refit scores the way its source did.
+    keeps the bundle's recipe, so a refit scores the way its source did. ``hist_grids`` changes
+    the Patch Histogram's grids: its Gaussians are fitted on the segmentation's labels, so they
+    too need no retraining.
 
     ``extra_good`` are images of confirmed good parts from the line (already in the line's
     encoding, so read without another codec round trip) added to the training images;
@@ -118,6 +121,7 @@ def refit_bundle(
         ),
         position_prior=prior,
         position_scale=ModelConfig.position_scale_for(prior, position_scale, old.position_scale),
+        hist_grids=old.hist_grids if hist_grids is None else tuple(hist_grids),
     )
     if config.fewshot_shots > len(train_images):
         raise ConfigError(
@@ -171,5 +175,7 @@ def refit_bundle(
 
 
 def _refitted(key: str) -> bool:
-    """Tensors that refit computes afresh: the banks and the position prior."""
-    return key.split(".")[0] in BANK_BRANCHES or key.startswith("prior_")
+    """Tensors that refit computes afresh: the banks, the position prior, the histograms'
+    Gaussians (calibration fits them again, whatever the grids)."""
+    head = key.split(".")[0]
+    return head in BANK_BRANCHES or head == "patch_hist" or key.startswith("prior_")

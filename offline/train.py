@@ -42,6 +42,7 @@ from lineguard.offline.banks import (
     fit_banks,
 )
 from lineguard.offline.calibrate import calibrate
+from lineguard.offline.components_report import component_stats, contact_sheet, png_bytes
 from lineguard.offline.datasets import (
     Dataset,
     input_size_for_aspect,
@@ -489,9 +490,18 @@ def train_bundle(
         "n_train": len(train_images),
         "n_validation": len(val_images),
         "pseudo_labels": state.get("pseudo_stats", {}),
+        "components": component_stats(labels, state["class_names"]),
         "seconds": state["seconds"],
     }
-    bundle = save_bundle(model, out, calibration, overwrite=True, extra=extra)
+    sheet = contact_sheet(train_images[: len(labels)], labels, state["class_names"])
+    bundle = save_bundle(
+        model,
+        out,
+        calibration,
+        overwrite=True,
+        extra=extra,
+        report={"components.png": png_bytes(sheet)},
+    )
     finish("calibration", time.perf_counter() - t0)
     note(f"bundle {bundle.path} (model {bundle.version}), threshold {calibration.threshold:.3f}")
     if warning := calibration.thin_evidence():

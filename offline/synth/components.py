@@ -28,6 +28,7 @@ from lineguard.offline.synth.drawing import (
     shade_colour,
     stadium_poly,
 )
+from lineguard.offline.synth.parts import PART_DRAWERS, PART_OUTLINES
 from lineguard.offline.synth.scene import ORANGE, Item
 
 
@@ -96,7 +97,9 @@ def item_outline(it: Item) -> list[np.ndarray]:
     if k == "cable":
         centre = cable_centre(it)
         return [ribbon_poly(centre, np.full(len(centre), it.size))]
-    raise ConfigError(f"unknown component kind {k!r}: this is a bug in offline/synth.py")
+    if k in PART_OUTLINES:
+        return PART_OUTLINES[k](it)
+    raise ConfigError(f"unknown component kind {k!r}: this is a bug in offline/synth")
 
 
 def _draw_round(img: np.ndarray, fr: Frame, it: Item) -> None:
@@ -312,4 +315,5 @@ DRAWERS: dict[str, Callable[[np.ndarray, Frame, Item], None]] = {
     "area": lambda img, fr, it: None,  # a footprint only: marks where something should be
     "block": _draw_block,
     "cable": _draw_cable,
+    **PART_DRAWERS,
 }

@@ -28,7 +28,7 @@ from lineguard.offline.synth.drawing import (
     shade_colour,
 )
 from lineguard.offline.synth.product import Product, new_seed
-from lineguard.offline.synth.scene import DIRT, RGB, STRUCTURAL_SUBTYPES, TRAY, Defect, Item, Scene
+from lineguard.offline.synth.scene import DIRT, RGB, STRUCTURAL_SUBTYPES, Defect, Item, Scene
 
 
 def _on_item(rng: np.random.Generator, it: Item, spread: float = 0.45) -> tuple[float, float]:
@@ -43,8 +43,22 @@ def _on_item(rng: np.random.Generator, it: Item, spread: float = 0.45) -> tuple[
             0
         ]
         return float(p[0]), float(p[1])
+    if it.kind == "bottle":
+        # The plain band of liquid between its surface and the label: a dent's shading reaches
+        # past the masked disc, and there it only meets the liquid's flat colour.
+        local = [[rng.uniform(-0.13, 0.13) * it.size, rng.uniform(-0.13, -0.09) * it.size]]
+        p = place_poly(np.array(local), it)[0]
+        return float(p[0]), float(p[1])
     a, d = rng.uniform(0, 2 * math.pi), rng.uniform(0, spread) * it.size
     return float(it.x + d * math.cos(a)), float(it.y + d * math.sin(a))
+
+
+def _seen_colour(it: Item) -> RGB:
+    """The colour around an on-item point: a bottle's liquid (where _on_item puts it)."""
+    if it.kind == "bottle":
+        r, g, b = (int(v) for v in it.params[1:4])
+        return (r, g, b)
+    return it.colour
 
 
 def _distance(a: RGB, b: RGB) -> float:
@@ -52,7 +66,7 @@ def _distance(a: RGB, b: RGB) -> float:
 
 
 def _surface_colour(product: Product, scene: Scene) -> RGB:
-    return TRAY if product.name == "tray" else scene.look.background
+    return product.surface_colour or scene.look.background
 
 
 def apply_structural(
@@ -65,7 +79,7 @@ def apply_structural(
         on_item = rng.random() < 0.6
         if on_item:
             x, y = _on_item(rng, target)
-            base = target.colour
+            base = _seen_colour(target)
         else:
             sx0, sy0, sx1, sy1 = product.surface
             x, y = float(rng.uniform(sx0, sx1)), float(rng.uniform(sy0, sy1))
@@ -100,7 +114,7 @@ def apply_structural(
     elif subtype == "contamination":
         if rng.random() < 0.5:
             x, y = _on_item(rng, target)
-            where, base = target.slot, target.colour
+            where, base = target.slot, _seen_colour(target)
         else:
             sx0, sy0, sx1, sy1 = product.surface
             x, y = float(rng.uniform(sx0, sx1)), float(rng.uniform(sy0, sy1))
@@ -117,6 +131,8 @@ def apply_structural(
         r = float(np.clip(rng.uniform(0.35, 0.55) * target.size, 0.018, 0.04))
         if target.kind in ("cable", "block"):
             r = 0.03
+        elif target.kind == "bottle":
+            r = 0.022
         defect = Defect("dent", ((x, y),), r, (0, 0, 0), ti, new_seed(rng))
         detail = target.slot
     else:

@@ -10,13 +10,20 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from lineguard.engines.errors import ConfigError
 from lineguard.offline.synth.drawing import Frame, jitter_colour, place_poly, rounded_rect
-from lineguard.offline.synth.scene import RGB, Item, Look, Scene, T
+from lineguard.offline.synth.scene import LOGICAL_SUBTYPES, RGB, Defect, Item, Look, Scene, T
 
 
 @dataclass(frozen=True)
 class Product:
-    """A product: a good-scene sampler, its logical edits and where defects may land."""
+    """A product: a good-scene sampler, its logical edits and where defects may land.
+
+    Each family breaks its own kinds of rule, so each names its logical subtypes; the writer
+    cycles through them so that a line's test split holds every subtype equally often.
+    ``surface_colour`` is what a scratch or a stain off the parts lies on (the scene's
+    background when None), so that defects are drawn in a colour that stands out from it.
+    """
 
     name: str
     sample_good: Callable[[np.random.Generator], Scene]
@@ -25,6 +32,38 @@ class Product:
     base_outline: Callable[[Scene], list[np.ndarray]]
     surface: tuple[float, float, float, float]  # canonical box where surface defects may land
     dentable: tuple[str, ...]
+    logical_subtypes: tuple[str, ...] = LOGICAL_SUBTYPES
+    surface_colour: RGB | None = None
+
+
+def no_base(img: np.ndarray, fr: Frame, scene: Scene) -> None:
+    """For products that lie directly on the conveyor (nothing drawn under the parts)."""
+
+
+def no_outline(scene: Scene) -> list[np.ndarray]:
+    return []
+
+
+def logical_result(
+    scene: Scene,
+    items: Sequence[Item],
+    regions: Sequence[tuple[Item | Defect, ...]],
+    subtype: str,
+    detail: str,
+) -> Scene:
+    """The edited scene every family's logical edit returns."""
+    return replace(
+        scene,
+        items=tuple(items),
+        regions=tuple(regions),
+        anomaly_type="logical",
+        subtype=subtype,
+        detail=detail,
+    )
+
+
+def unknown_subtype(subtype: str, known: Sequence[str]) -> ConfigError:
+    return ConfigError(f"unknown logical subtype {subtype!r}: use one of {', '.join(known)}")
 
 
 def new_seed(rng: np.random.Generator) -> int:

@@ -22,7 +22,6 @@ from lineguard.offline.synth.products import product_of
 from lineguard.offline.synth.render import render, render_masks
 from lineguard.offline.synth.scene import (
     FORMAT_VERSION,
-    LOGICAL_SUBTYPES,
     MIN_SIZE,
     SPLIT_IDS,
     STRUCTURAL_SUBTYPES,
@@ -58,7 +57,8 @@ def make_scene(kind: str, seed: int, split: str, index: int) -> Scene:
     rng = scene_rng(seed, split, index)
     scene = sample_good(kind, rng)
     if split == "test_logical":
-        return apply_anomaly(kind, scene, "logical", LOGICAL_SUBTYPES[index % 6], rng)
+        subtypes = product_of(kind).logical_subtypes
+        return apply_anomaly(kind, scene, "logical", subtypes[index % len(subtypes)], rng)
     if split == "test_structural":
         return apply_anomaly(kind, scene, "structural", STRUCTURAL_SUBTYPES[index % 3], rng)
     return scene
@@ -128,7 +128,7 @@ def make_line(
         "test_structural": n_test_structural,
     }
     _check_args(out, seed, counts, size)
-    product_of(kind)
+    product = product_of(kind)
     for sub in ("train", "validation", "test", "ground_truth"):
         shutil.rmtree(out / sub, ignore_errors=True)
     for split, n in counts.items():
@@ -142,7 +142,10 @@ def make_line(
         "seed": seed,
         "size": [size, size],
         "counts": counts,
-        "subtypes": {"logical": list(LOGICAL_SUBTYPES), "structural": list(STRUCTURAL_SUBTYPES)},
+        "subtypes": {
+            "logical": list(product.logical_subtypes),
+            "structural": list(STRUCTURAL_SUBTYPES),
+        },
         "images": [],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -30,6 +30,15 @@ def bundle_info(
     table.add_row("input size", f"{h}×{w} (height × width)")
     table.add_row("frame codec", f"{bundle.config.codec.spec} (what ingest sends by default)")
     table.add_row("classes", ", ".join(bundle.config.class_names))
+    for c in bundle.manifest.get("extra", {}).get("components", []):
+        table.add_row(
+            f"  {c['class']}",
+            f"{c['per_image']:.1f} per image, area {100 * c['area']:.2f} %, "
+            f"in {c['images']} of {c['of_images']} images",
+        )
+    sheet = bundle.path / "report" / "components.png"
+    if sheet.is_file():
+        table.add_row("contact sheet", str(sheet))
     table.add_row("branches", ", ".join(bundle.branches))
     left_out = cal.left_out()
     for name, mu, sigma in zip(cal.branches, cal.mu, cal.sigma, strict=True):

@@ -16,6 +16,7 @@ from lineguard.stream.cli.common import (
     console,
     err_console,
     friendly_errors,
+    split_list,
     write_json,
 )
 from lineguard.stream.cli.options import Encoding, HistoryDirOpt, HistoryUrlOpt, JsonOpt
@@ -96,7 +97,8 @@ def synth(
     ],
     seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
     kind: Annotated[
-        Literal["tray", "connectors"], typer.Option(help="Which synthetic product.")
+        Literal["tray", "connectors", "pushpins", "screwbag", "bottle"],
+        typer.Option(help="Which synthetic product."),
     ] = "tray",
     size: Annotated[int, typer.Option(metavar="PX", help="Image side in pixels.")] = 256,
     train: Annotated[int, typer.Option(metavar="N", help="Good training images.")] = 200,
@@ -312,6 +314,10 @@ def refit(
     patch_search: Annotated[PatchSearch | None, typer.Option(help=PATCH_SEARCH_HELP)] = None,
     position_prior: PositionPriorOpt = None,
     position_scale: PositionScaleOpt = None,
+    hist_grids: Annotated[
+        str | None,
+        typer.Option(metavar="G,…", help="Patch Histogram grids, e.g. 1,2,4 (must divide PX)."),
+    ] = None,
     normalisation: Annotated[Normalisation | None, typer.Option(help=NORMALISATION_HELP)] = None,
     fusion: Annotated[Fusion | None, typer.Option(help=FUSION_HELP)] = None,
     fuse: Annotated[str | None, typer.Option(metavar="RECIPE", help=FUSE_HELP)] = None,
@@ -365,6 +371,7 @@ def refit(
         patch_search=patch_search,
         position_prior=position_prior,
         position_scale=position_scale,
+        hist_grids=None if hist_grids is None else tuple(split_list(hist_grids, int)),
         normalisation=normalisation,
         fusion=fusion,
         fusion_recipe=fuse,

@@ -395,6 +395,25 @@ def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
     assert not off.config.position_prior and not off.config.position_scale
 
 
+def test_refit_to_other_histogram_grids_keeps_the_networks(
+    trained: Path, line: Path, tmp_path: Path
+) -> None:
+    from lineguard.offline.refit import refit_bundle
+
+    source = load_bundle(trained)
+    out = refit_bundle(trained, line, tmp_path / "grids", hist_grids=(1, 4))
+    assert out.config.hist_grids == (1, 4)
+    state = out.state_dict()
+    assert "patch_hist.mean_g2" not in state
+    assert state["patch_hist.mean_g4"].shape == ((out.config.num_classes - 1) * 16,)
+    assert float(state["patch_hist.sigma_g4"]) > 0
+    for key, value in source.state_dict().items():
+        if key.startswith(("segmenter.", "lgst.student", "backbone.")):
+            assert torch.equal(value, state[key]), key
+    evaluation = evaluate_bundle(out.path, line, out_dir=tmp_path / "eval")
+    assert np.isfinite(evaluation.scores).all()
+
+
 def test_refit_to_patchcores_descriptor_scores_alike_on_every_path(
     trained: Path, line: Path, tmp_path: Path
 ) -> None:
