@@ -9,10 +9,16 @@ from dataclasses import replace
 
 import numpy as np
 
-from lineguard.engines.errors import ConfigError
 from lineguard.offline.synth.components import block_half
 from lineguard.offline.synth.drawing import jitter_colour, place_poly
-from lineguard.offline.synth.product import jittered, new_seed, pick_one, sample_look
+from lineguard.offline.synth.product import (
+    jittered,
+    logical_result,
+    new_seed,
+    pick_one,
+    sample_look,
+    unknown_subtype,
+)
 from lineguard.offline.synth.scene import (
     BLUE,
     COLOUR_NAMES,
@@ -150,14 +156,5 @@ def connectors_logical(scene: Scene, subtype: str, rng: np.random.Generator) -> 
         regions = [(items[0],)]
         detail = f"cable:{COLOUR_NAMES[CABLE_COLOURS[m]]}"
     else:
-        raise ConfigError(
-            f"unknown logical subtype {subtype!r}: use one of {', '.join(LOGICAL_SUBTYPES)}"
-        )
-    return replace(
-        scene,
-        items=tuple(items),
-        regions=tuple(regions),
-        anomaly_type="logical",
-        subtype=subtype,
-        detail=detail,
-    )
+        raise unknown_subtype(subtype, LOGICAL_SUBTYPES)
+    return logical_result(scene, items, regions, subtype, detail)

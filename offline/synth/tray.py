@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from lineguard.engines.errors import ConfigError
 from lineguard.offline.synth.drawing import (
     Frame,
     draw_polyline,
@@ -22,11 +21,13 @@ from lineguard.offline.synth.drawing import (
 from lineguard.offline.synth.product import (
     box_outline,
     jittered,
+    logical_result,
     new_seed,
     pick_one,
     replace_part,
     sample_look,
     slot_index,
+    unknown_subtype,
 )
 from lineguard.offline.synth.scene import (
     BLUE,
@@ -231,17 +232,8 @@ def tray_logical(scene: Scene, subtype: str, rng: np.random.Generator) -> Scene:
         regions = [(new,)]
         detail = f"{slot}:{COLOUR_NAMES[colour]}"
     else:
-        raise ConfigError(
-            f"unknown logical subtype {subtype!r}: use one of {', '.join(LOGICAL_SUBTYPES)}"
-        )
-    return replace(
-        scene,
-        items=tuple(items),
-        regions=tuple(regions),
-        anomaly_type="logical",
-        subtype=subtype,
-        detail=detail,
-    )
+        raise unknown_subtype(subtype, LOGICAL_SUBTYPES)
+    return logical_result(scene, items, regions, subtype, detail)
 
 
 def tray_outline(scene: Scene) -> list[np.ndarray]:
