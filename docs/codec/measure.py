@@ -82,26 +82,39 @@ def main() -> None:
         t0 = time.perf_counter()
         train_bundle(line, out, preset=preset, progress=False, log=lambda _m: None)
         minutes = (time.perf_counter() - t0) / 60
-        for source, data in [
-            ("as sent", line),
-            *((f"camera JPEG {q}", d) for q, d in cameras.items()),
-        ]:
-            ev = evaluate_bundle(out, data, out_dir=work / f"eval-{arm}-{source.replace(' ', '_')}")
-            m = ev.metrics
-            row = {
-                "arm": arm,
-                "test images": source,
-                "frr": m["false_reject_rate"],
-                "overall": m["overall"]["auroc"],
-                **{t: b["auroc"] for t, b in m["by_type"].items()},
-                "train_min": round(minutes, 1),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        sources = [("as sent", line), *((f"camera JPEG {q}", d) for q, d in cameras.items())]
+        rows += score_rows(arm, out, sources, work / f"eval-{arm}", "train_min", minutes)
     args.json.write_text(
         json.dumps({"seed": args.seed, "preset": args.preset, "rows": rows}, indent=2)
     )
     print_table(rows)
+
+
+def score_rows(
+    arm: str,
+    bundle: Path,
+    sources: list[tuple[str, Path]],
+    eval_prefix: Path,
+    time_key: str,
+    minutes: float,
+) -> list[dict]:
+    """One row per test source: false-reject rate and AUROC of ``bundle`` on it (printed as
+    they come, so a long run shows progress)."""
+    rows = []
+    for source, data in sources:
+        out_dir = Path(f"{eval_prefix}-{source.replace(' ', '_')}")
+        m = evaluate_bundle(bundle, data, out_dir=out_dir).metrics
+        row = {
+            "arm": arm,
+            "test images": source,
+            "frr": m["false_reject_rate"],
+            "overall": m["overall"]["auroc"],
+            **{t: b["auroc"] for t, b in m["by_type"].items()},
+            time_key: round(minutes, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
@@ -126,21 +139,7 @@ def refit_arms(work: Path, line: Path, cameras: dict[int, Path], args: argparse.
         sources = [("as sent", line), *((f"camera JPEG {q}", d) for q, d in cameras.items())]
         if big.exists():
             sources.append(("as sent, 300 goods", big))
-        for source, data in sources:
-            ev = evaluate_bundle(
-                out, data, out_dir=work / f"eval-{out.name}-{source.replace(' ', '_')}"
-            )
-            m = ev.metrics
-            row = {
-                "arm": arm,
-                "test images": source,
-                "frr": m["false_reject_rate"],
-                "overall": m["overall"]["auroc"],
-                **{t: b["auroc"] for t, b in m["by_type"].items()},
-                "refit_min": round(minutes, 1),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        rows += score_rows(arm, out, sources, work / f"eval-{out.name}", "refit_min", minutes)
     args.json.write_text(json.dumps({"seed": args.seed, "refit": True, "rows": rows}, indent=2))
     print_table(rows)
 
