@@ -199,9 +199,8 @@ def calibrate(
         held_out = held_out_prior_scores(model, fit_position_prior(model, val_images))
     val_scores = raw_scores(model, val_images)
     # the fusion statistics and the threshold see each image as the line will: held out
-    for name, column in held_out.items():
-        if name in model.config.branches and not (name == "patch_knn" and model.patch_knn is None):
-            val_scores[:, model.config.branches.index(name)] = column
+    for name, column in held_out.items():  # "lgst", and "patch_knn" when the model has it
+        val_scores[:, model.config.branches.index(name)] = column
     loo, offsets = leave_one_out_max(model, val_scores, bank_loo)
     applied, excluded = recipe_exclusions(recipe, model.config.branches, has_components)
     calibration = fit_calibration(
