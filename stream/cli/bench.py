@@ -25,10 +25,15 @@ from lineguard.stream.cli.options import (
     DeviceOpt,
     EncodingOpt,
     JsonOpt,
+    LogicalCountOpt,
     MaxBatchOpt,
     MaxDelayOpt,
     RateOpt,
     RuntimeOpt,
+    StructuralCountOpt,
+    TestGoodCountOpt,
+    TrainCountOpt,
+    ValidationCountOpt,
     WorkersOpt,
 )
 
@@ -171,11 +176,11 @@ def bench_logical_cmd(
     ] = "report",
     preset: Annotated[str, typer.Option(metavar="NAME", help="train's preset.")] = "default",
     size: Annotated[int, typer.Option(metavar="PX", help="Image side.")] = 256,
-    train: Annotated[int, typer.Option(metavar="N", help="Good training images.")] = 200,
-    validation: Annotated[int, typer.Option(metavar="N", help="Good validation images.")] = 100,
-    test_good: Annotated[int, typer.Option(metavar="N", help="Good test images.")] = 100,
-    logical: Annotated[int, typer.Option(metavar="N", help="Logical test images.")] = 100,
-    structural: Annotated[int, typer.Option(metavar="N", help="Structural test images.")] = 100,
+    train: TrainCountOpt = 200,
+    validation: ValidationCountOpt = 100,
+    test_good: TestGoodCountOpt = 100,
+    logical: LogicalCountOpt = 100,
+    structural: StructuralCountOpt = 100,
     workdir: Annotated[
         Path, typer.Option("--dir", metavar="DIR", help="Lines, bundles and reports.")
     ] = Path("bench-logical"),

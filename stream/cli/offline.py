@@ -19,7 +19,17 @@ from lineguard.stream.cli.common import (
     split_list,
     write_json,
 )
-from lineguard.stream.cli.options import Encoding, HistoryDirOpt, HistoryUrlOpt, JsonOpt
+from lineguard.stream.cli.options import (
+    Encoding,
+    HistoryDirOpt,
+    HistoryUrlOpt,
+    JsonOpt,
+    LogicalCountOpt,
+    StructuralCountOpt,
+    TestGoodCountOpt,
+    TrainCountOpt,
+    ValidationCountOpt,
+)
 
 app = typer.Typer()
 
@@ -101,15 +111,11 @@ def synth(
         typer.Option(help="Which synthetic product."),
     ] = "tray",
     size: Annotated[int, typer.Option(metavar="PX", help="Image side in pixels.")] = 256,
-    train: Annotated[int, typer.Option(metavar="N", help="Good training images.")] = 200,
-    validation: Annotated[int, typer.Option(metavar="N", help="Good validation images.")] = 100,
-    test_good: Annotated[int, typer.Option(metavar="N", help="Good test images.")] = 100,
-    logical: Annotated[
-        int, typer.Option(metavar="N", help="Test images with a logical anomaly.")
-    ] = 100,
-    structural: Annotated[
-        int, typer.Option(metavar="N", help="Test images with a structural anomaly.")
-    ] = 100,
+    train: TrainCountOpt = 200,
+    validation: ValidationCountOpt = 100,
+    test_good: TestGoodCountOpt = 100,
+    logical: LogicalCountOpt = 100,
+    structural: StructuralCountOpt = 100,
 ) -> None:
     """Write a synthetic product line (good parts, logical and structural anomalies, masks)."""
     from lineguard.offline.synth import make_line

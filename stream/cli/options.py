@@ -93,6 +93,16 @@ SizeOpt = Annotated[
         help="Resize frames to PX×PX or H×W (default: the bundle's input size).",
     ),
 ]
+# how many images of each kind a synthetic line gets (`synth`, `bench logical`)
+TrainCountOpt = Annotated[int, typer.Option(metavar="N", help="Good training images.")]
+ValidationCountOpt = Annotated[int, typer.Option(metavar="N", help="Good validation images.")]
+TestGoodCountOpt = Annotated[int, typer.Option(metavar="N", help="Good test images.")]
+LogicalCountOpt = Annotated[
+    int, typer.Option(metavar="N", help="Test images with a logical anomaly.")
+]
+StructuralCountOpt = Annotated[
+    int, typer.Option(metavar="N", help="Test images with a structural anomaly.")
+]
 LimitOpt = Annotated[int | None, typer.Option(metavar="N", help="Send at most N frames.")]
 LoopOpt = Annotated[bool, typer.Option(help="Loop a folder, video or recording.")]
 RecordOpt = Annotated[
