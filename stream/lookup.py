@@ -10,7 +10,8 @@ looking at a bounded number of entries. Read-only: plain XRANGE, never a group.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -24,6 +25,8 @@ from lineguard.stream.protocol import (
     decode_frame,
     decode_scores,
 )
+
+T = TypeVar("T")
 
 
 def _text(value: Any) -> str:
@@ -66,6 +69,25 @@ def scan(
     return None
 
 
+def _find(
+    bus: Bus,
+    stream: StreamName,
+    want: tuple[str, str, int],
+    windows: list[tuple[int, int, int]],
+    decode: Callable[[Any, Any], T],
+) -> T | None:
+    """The decoded message for frame ``want`` from the first of ``windows`` (lo ms, hi ms,
+    entries to look at) that has it; None if none has it or its message does not decode."""
+    for lo, hi, limit in windows:
+        fields = scan(bus, stream, lo, hi, want, limit)
+        if fields is not None:
+            try:
+                return decode(fields.get(ENTRY_FIELD), bus.limits)
+            except ProtocolError:
+                return None
+    return None
+
+
 def find_scores(bus: Bus, ev: Event, *, scan_limit: int = 2_000) -> Scores | None:
     """The scores message of ``ev``'s frame, by time range around when infer wrote it."""
     want = (ev.line, ev.camera, ev.seq)
@@ -77,14 +99,7 @@ def find_scores(bus: Bus, ev: Event, *, scan_limit: int = 2_000) -> Scores | Non
         t_scored_ms = int((ev.t_event - lat["decide"] - lat["handoff"]) * 1000)
         windows.append((t_scored_ms - 20, t_event_ms + 2000, 500))
     windows.append((t_capture_ms - 5000, t_event_ms + 5000, scan_limit))
-    for lo, hi, limit in windows:
-        fields = scan(bus, "scores", lo, hi, want, limit)
-        if fields is not None:
-            try:
-                return decode_scores(fields.get(ENTRY_FIELD), bus.limits)
-            except ProtocolError:
-                return None
-    return None
+    return _find(bus, "scores", want, windows, decode_scores)
 
 
 def find_frame(
@@ -100,14 +115,7 @@ def find_frame(
         windows.append((ms - 1, ms + 1, 200))
     t_capture_ms = int(ev.t_capture * 1000)
     windows.append((t_capture_ms - 1000, int(ev.t_event * 1000), scan_limit))
-    for lo, hi, limit in windows:
-        fields = scan(bus, "frames", lo, hi, want, limit)
-        if fields is not None:
-            try:
-                return decode_frame(fields.get(ENTRY_FIELD), bus.limits)
-            except ProtocolError:
-                return None
-    return None
+    return _find(bus, "frames", want, windows, decode_frame)
 
 
 def queued_at(ev: Event, scores: Scores | None) -> float | None:

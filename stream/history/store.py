@@ -296,6 +296,14 @@ class HistoryStore:
                 args.append(value)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
+    def _select_rows(self) -> str:
+        """SELECT of the ``HistoryRow`` columns: each verdict row with its mark, if any."""
+        cols = ", ".join([f"v.{c}" for c in VERDICT_COLUMNS] + ["m.mark", "m.t_mark"])
+        return (
+            f"SELECT {cols} FROM {self.verdicts} v LEFT JOIN {self.marks_table} m "
+            f"ON m.frame_key = v.frame_key"
+        )
+
     def query(
         self,
         *,
@@ -339,12 +347,8 @@ class HistoryStore:
         memory at a time. Pages continue after the last row's (capture time, frame key)
         rather than by OFFSET, so each page costs the same however deep the export is."""
         where, args = self._where(since, until, camera, verdict, model, mark)
-        cols = ", ".join([f"v.{c}" for c in VERDICT_COLUMNS] + ["m.mark", "m.t_mark"])
         order, cmp = ("DESC", "<") if newest_first else ("ASC", ">")
-        select = (
-            f"SELECT {cols} FROM {self.verdicts} v LEFT JOIN {self.marks_table} m "
-            f"ON m.frame_key = v.frame_key"
-        )
+        select = self._select_rows()
         tail = f" ORDER BY v.t_capture {order}, v.frame_key {order} LIMIT "
         after = f"(v.t_capture, v.frame_key) {cmp} ({self._ph}, {self._ph})"
         left = limit
@@ -370,11 +374,7 @@ class HistoryStore:
 
     def get(self, frame_key: str) -> HistoryRow | None:
         """One frame's row with its mark, or None if the history has no verdict for it."""
-        cols = ", ".join([f"v.{c}" for c in VERDICT_COLUMNS] + ["m.mark", "m.t_mark"])
-        sql = (
-            f"SELECT {cols} FROM {self.verdicts} v LEFT JOIN {self.marks_table} m "
-            f"ON m.frame_key = v.frame_key WHERE v.frame_key = {self._ph}"
-        )
+        sql = f"{self._select_rows()} WHERE v.frame_key = {self._ph}"
         with self._tx() as cur:
             cur.execute(sql, (frame_key,))
             raw = cur.fetchone()
