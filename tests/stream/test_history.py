@@ -577,3 +577,27 @@ def test_a_real_line_fills_the_history_with_pictures_of_its_rejects(
         assert archive.path(r.image).is_file() and archive.path(r.map).is_file()
         assert set(json.loads(r.contributions)) == set(split.calibration.branches)
     store.close()
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "png", "raw"])
+def test_a_saved_reject_reads_back_as_the_pixels_infer_scored(
+    tmp_path: Path, encoding: str
+) -> None:
+    """``refit --feedback`` reads archived frames with ``load_image`` and no codec: that must
+    give exactly the pixels infer decoded from the frame, or the bank learns other images."""
+    import cv2
+    import numpy as np
+
+    from lineguard.offline.datasets import load_image
+    from lineguard.stream.history.archive import ImageArchive
+    from lineguard.stream.protocol import decode_image, make_frame
+
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)
+    image = cv2.resize(low, (48, 32), interpolation=cv2.INTER_CUBIC)
+    frame = make_frame("l1", "cam0", 7, image, encoding=encoding, t_capture=1.0)  # type: ignore[arg-type]
+    archive = ImageArchive(tmp_path / "images", max_days=1, max_bytes=1 << 20)
+    rel = archive.save_frame(frame)
+    assert rel is not None
+    scored = decode_image(frame)
+    np.testing.assert_array_equal(load_image(archive.path(rel), scored.shape[:2]), scored)
