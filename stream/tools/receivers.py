@@ -40,11 +40,19 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    *,
+    error: type[Exception] = TimeoutError,
+) -> None:
+    """Poll ``cond`` until it holds; raise ``error`` after ``timeout`` seconds (the tests
+    pass ``AssertionError``, so a timeout reads as a failed check)."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+            raise error(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
 
 
@@ -153,7 +161,7 @@ class Mosquitto:
             f"user {getpass.getuser()}\n"
         )
         self.proc = subprocess.Popen([self.binary, "-c", str(conf)])
-        _wait(lambda: port_open("127.0.0.1", self.port), 10, "mosquitto to listen")
+        wait_until(lambda: port_open("127.0.0.1", self.port), 10, "mosquitto to listen")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -21,6 +21,7 @@ from lineguard.stream.tools.receivers import (
     free_port,
     port_open,
 )
+from lineguard.stream.tools.receivers import wait_until as _poll
 from lineguard.stream.worker import run_worker
 
 __all__ = [
@@ -105,8 +106,5 @@ def running(stage: SinkStage, bus: Bus) -> Iterator[threading.Thread]:
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+    """The receivers' poll loop, failing as an assertion (a check that did not hold)."""
+    _poll(cond, timeout, what, error=AssertionError)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lineguard.stream.bus import Bus
+from lineguard.stream.settings import Settings
 from lineguard.stream.sinks import sink_group, sink_stage
 from tests.stream.sink_helpers import (
     Mosquitto,
@@ -40,20 +42,25 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
         own.stop()
 
 
+def _mqtt_settings(bus: Bus, port: int, topic: str, **sink: Any) -> tuple[str, Settings]:
+    """A topic root of this test's own (the broker may be shared) and settings that publish
+    under it from the first kept event; ``topic`` follows the root, ``sink`` sets the rest
+    of ``sinks.mqtt``."""
+    root = f"lgtest/{uuid.uuid4().hex[:8]}"
+    overrides = {
+        "sinks.mqtt.port": port,
+        "sinks.mqtt.topic": root + topic,
+        "sinks.mqtt.start": "all",
+        **{f"sinks.mqtt.{key}": value for key, value in sink.items()},
+    }
+    return root, sink_settings(bus, **overrides)
+
+
 def test_one_qos1_message_per_verdict_on_its_camera_topic(
     bus: Bus, broker: tuple[str, int]
 ) -> None:
     host, port = broker
-    root = f"lgtest/{uuid.uuid4().hex[:8]}"
-    settings = sink_settings(
-        bus,
-        **{
-            "sinks.mqtt.host": host,
-            "sinks.mqtt.port": port,
-            "sinks.mqtt.topic": root + "/{line}/{camera}/verdict",
-            "sinks.mqtt.start": "all",
-        },
-    )
+    root, settings = _mqtt_settings(bus, port, "/{line}/{camera}/verdict", host=host)
     sub = MqttRecorder(host, port, root + "/#")
     try:
         events = produce(bus, ("cam0", "cam1"), range(12))
@@ -82,17 +89,7 @@ def test_one_qos1_message_per_verdict_on_its_camera_topic(
 
 def test_retained_last_verdict_per_camera(bus: Bus, broker: tuple[str, int]) -> None:
     host, port = broker
-    root = f"lgtest/{uuid.uuid4().hex[:8]}"
-    settings = sink_settings(
-        bus,
-        **{
-            "sinks.mqtt.host": host,
-            "sinks.mqtt.port": port,
-            "sinks.mqtt.topic": root + "/{camera}",
-            "sinks.mqtt.retain": True,
-            "sinks.mqtt.start": "all",
-        },
-    )
+    root, settings = _mqtt_settings(bus, port, "/{camera}", host=host, retain=True)
     events = produce(bus, ("cam0", "cam1"), range(5))
     stage = sink_stage("mqtt", settings, bus)
     with running(stage, bus):
@@ -119,17 +116,8 @@ def test_broker_outage_loses_nothing_and_keeps_order(bus: Bus, tmp_path: Path) -
     if not own.available:
         pytest.skip("the outage test stops a broker of its own: no mosquitto binary found")
     own.start()
-    root = f"lgtest/{uuid.uuid4().hex[:8]}"
-    settings = sink_settings(
-        bus,
-        **{
-            "sinks.mqtt.port": own.port,
-            "sinks.mqtt.topic": root + "/{camera}",
-            "sinks.mqtt.start": "all",
-            "sinks.mqtt.retry_base_s": 0.2,
-            "sinks.mqtt.retry_cap_s": 1.0,
-            "sinks.mqtt.queue_size": 16,
-        },
+    root, settings = _mqtt_settings(
+        bus, own.port, "/{camera}", retry_base_s=0.2, retry_cap_s=1.0, queue_size=16
     )
     sub = MqttRecorder(
         "127.0.0.1", own.port, root + "/#", client_id=f"durable-{uuid.uuid4().hex[:6]}"
