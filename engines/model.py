@@ -109,6 +109,12 @@ class ModelConfig:
     # The frame round trip that training, the banks and calibration saw ("raw", "png",
     # "jpeg:Q"); the line sends frames this way by default. Bundles from before it: lossless.
     frame_codec: str = "raw"
+    # Whether the LGST student–teacher branch exists. A surface's verdict is its patch bank's
+    # alone (engines.fusion, recipe "surface"), so training chooses to leave the student out
+    # there: most of the training time and a third of the forward pass saved for a branch the
+    # verdict ignores. Without it the ``lgst`` column and map are zeros (inert in the fusion),
+    # so every runtime and consumer keeps the same outputs.
+    student: bool = True
 
     @staticmethod
     def position_scale_for(prior: bool, asked: bool | None, default: bool) -> bool:
@@ -240,7 +246,9 @@ class CSADModel(nn.Module):
         self.register_buffer("pixel_std", 255.0 * torch.tensor(spec.std).view(1, 3, 1, 1))
         self.segmenter = _segmentation_head(config, spec.channels)
         self.patch_hist = PatchHistogram(config.num_classes, config.input_size, config.hist_grids)
-        self.lgst = LGST(profile, spec.channels, config.input_size, config.seed)
+        self.lgst: LGST | None = (
+            LGST(profile, spec.channels, config.input_size, config.seed) if config.student else None
+        )
         self.patch_knn: PatchBank | None = None
         descriptor_dim = descriptor_kind(config.patch_descriptor).dim(spec.channels)
         if config.patch_bank:
@@ -307,11 +315,15 @@ class CSADModel(nn.Module):
         x = self.preprocess(images)
         features = self.backbone(x)
         labels = self.segment(features).argmax(dim=1)
-        lgst_map = self.lgst(x, features)
-        if self.config.position_prior:
-            lgst_map = lgst_map - self.prior_lgst
-        if self.config.position_scale:
-            lgst_map = lgst_map / self.prior_scale_lgst
+        if self.lgst is None:
+            # [B, 1, H/4, W/4] zeros whose batch axis stays dynamic in the exported graph
+            lgst_map = torch.zeros_like(x[:, :1, ::4, ::4])
+        else:
+            lgst_map = self.lgst(x, features)
+            if self.config.position_prior:
+                lgst_map = lgst_map - self.prior_lgst
+            if self.config.position_scale:
+                lgst_map = lgst_map / self.prior_scale_lgst
         columns = [self.patch_hist(labels), lgst_map.amax(dim=(1, 2, 3)).to(torch.float32)]
         amap = lgst_map.to(torch.float32)
         patch_features = None

@@ -116,14 +116,17 @@ def fit_position_prior(
     for i in range(0, len(images), batch):
         x = model.preprocess(torch.from_numpy(images[i : i + batch]))
         f = model.backbone(x)
-        maps["lgst"].append(model.lgst(x, f).float())
+        if model.lgst is not None:
+            maps["lgst"].append(model.lgst(x, f).float())
         if model.patch_knn is not None:
             maps["knn"].append(model.patch_knn(model.describe_patches(f)).float())
     stacked = {name: torch.cat(parts) for name, parts in maps.items() if parts}
-    lgst = stacked["lgst"]
-    model.prior_lgst.copy_(_blur(lgst.mean(dim=0, keepdim=True)))
     if "knn" in stacked:
         model.prior_knn.copy_(_blur(stacked["knn"].mean(dim=0, keepdim=True)))
+    if "lgst" not in stacked:  # no student (a surface): its column stays zero
+        return stacked
+    lgst = stacked["lgst"]
+    model.prior_lgst.copy_(_blur(lgst.mean(dim=0, keepdim=True)))
     if model.config.position_scale:
         variance = lgst.square().mean(dim=0, keepdim=True) - lgst.mean(dim=0, keepdim=True) ** 2
         model.prior_scale_lgst.copy_(_relative_spread(variance))
@@ -155,6 +158,8 @@ def held_out_prior_scores(model: CSADModel, maps: dict[str, torch.Tensor]) -> di
     the more). Leaving the image out makes each score a held-out one, as a test image's is.
     """
     out: dict[str, np.ndarray] = {}
+    if not maps:
+        return out
     n = next(iter(maps.values())).shape[0]
     if n < 2:
         return out

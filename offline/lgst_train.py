@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from lineguard.engines.lgst import LGST
 from lineguard.engines.model import CSADModel
 from lineguard.offline.augment import codec_jitter, color_jitter, procedural_images
 
@@ -63,6 +64,13 @@ def batched(images: np.ndarray, device: str = "cpu", batch: int = 16) -> list[to
     ]
 
 
+def student_branch(model: CSADModel) -> LGST:
+    """The model's LGST branch; a model built without the student (a surface) has none."""
+    if model.lgst is None:
+        raise ValueError("this model has no LGST student (ModelConfig.student = False)")
+    return model.lgst
+
+
 @torch.no_grad()
 def fit_teacher_normalisation(
     model: CSADModel, images: np.ndarray, device: str = "cpu", keep_bytes: int = 0
@@ -73,7 +81,7 @@ def fit_teacher_normalisation(
     its unjittered steps) when it fits in ``keep_bytes``, so the backbone runs over the training
     set once for both; None otherwise.
     """
-    teacher = model.lgst.teacher
+    teacher = student_branch(model).teacher
     fh, fw = teacher.feat_size
     keep = len(images) * teacher.proj.out_channels * fh * fw * 4 <= keep_bytes
     kept: list[torch.Tensor] = []
@@ -150,7 +158,7 @@ def train_lgst(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    lgst = model.lgst
+    lgst = student_branch(model)
     student, autoencoder = lgst.student, lgst.autoencoder
     params = list(student.parameters()) + list(autoencoder.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -209,7 +217,10 @@ def train_lgst(
 def calibrate_map_quantiles(
     model: CSADModel, images: np.ndarray, low: float = 0.9, high: float = 0.995, device: str = "cpu"
 ) -> None:
-    """Set q_a, q_b of the local and global maps from good validation images (EfficientAD)."""
+    """Set q_a, q_b of the local and global maps from good validation images (EfficientAD);
+    nothing to set on a model without the student."""
+    if model.lgst is None:
+        return
     local_maps, global_maps = [], []
     for chunk in batched(images, device):
         x = model.preprocess(chunk)

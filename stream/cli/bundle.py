@@ -40,9 +40,18 @@ def bundle_info(
     if sheet.is_file():
         table.add_row("contact sheet", str(sheet))
     table.add_row("branches", ", ".join(bundle.branches))
+    c = bundle.config
+    table.add_row(
+        "patch bank",
+        f"{c.patch_bank} entries, {c.patch_descriptor} descriptor, search {c.patch_search}"
+        if c.patch_bank
+        else "none",
+    )
     left_out = cal.left_out()
     for name, mu, sigma in zip(cal.branches, cal.mu, cal.sigma, strict=True):
         note = f"  left out: {left_out[name]}" if name in left_out else "  fused"
+        if name == "lgst" and not bundle.config.student:
+            note = "  left out: no student in this model (a surface: --student trains one)"
         table.add_row(f"  {name}", f"μ={mu:.4g} σ={sigma:.4g}{note}")
     table.add_row(
         "fusion",

@@ -178,6 +178,15 @@ def train(
     patch_search: Annotated[PatchSearch, typer.Option(help=PATCH_SEARCH_HELP)] = "auto",
     position_prior: PositionPriorOpt = None,
     position_scale: PositionScaleOpt = None,
+    student: Annotated[
+        bool | None,
+        typer.Option(
+            "--student/--no-student",
+            help="Train the LGST student (default: unless the fusion recipe leaves it out, "
+            "as a surface's does).",
+            show_default=False,
+        ),
+    ] = None,
     encoding: Annotated[
         Encoding,
         typer.Option(help="How the line will send frames; training sees them that way."),
@@ -218,6 +227,7 @@ def train(
         patch_search=patch_search,
         position_prior=position_prior,
         position_scale=position_scale,
+        student=student,
         frame_codec=codec_spec(encoding, jpeg_quality) or DEFAULT_FRAME_CODEC,
         restart=restart,
         log=lambda msg: err_console.print(msg, highlight=False),

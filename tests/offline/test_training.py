@@ -341,10 +341,41 @@ def test_a_plain_surface_without_components_still_trains(tmp_path: Path) -> None
     assert bundle.calibration.recipe == "surface"
     assert bundle.calibration.active == ("patch_knn",)
     assert any("fusion recipe surface: fuses patch_knn" in m for m in messages)
+    # ... so the student is left out of the model: no training, no forward pass, zeros
+    assert bundle.config.student is False and bundle.build_model().lgst is None
+    assert any("LGST skipped" in m for m in messages)
+    assert bundle.calibration.left_out()["lgst"]
     images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     with torch.inference_mode():
         out = bundle.build_model()(torch.from_numpy(images))
     assert int(out.segmentation.max()) == 0  # every pixel background: a constant histogram
+    assert not out.scores[:, bundle.branches.index("lgst")].any()
+    assert out.scores[:, bundle.branches.index("patch_knn")].std() > 0
+    # the graph without the student exports, keeps its dynamic batch, and scores as torch does
+    import onnxruntime as ort
+
+    from lineguard.engines.export import export_onnx
+
+    export_onnx(bundle.build_model().eval(), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    for n in (1, 3):
+        got = session.run(["scores", "anomaly_map"], {"images": images[:n]})
+        np.testing.assert_allclose(got[0], out.scores[:n].numpy(), rtol=1e-4, atol=1e-4)
+        assert got[1].shape == (n, 1, 16, 16)
+    # bundle info says why the student's column is left out
+    from typer.testing import CliRunner
+
+    from lineguard.stream.cli import app
+
+    shown = CliRunner().invoke(app, ["bundle", "info", str(bundle.path)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "no student in this model" in shown.output and "mid descriptor" in shown.output
+    # asked for, the student is trained on a surface too
+    again = train_bundle(
+        folder, tmp_path / "with", preset=TINY_PRESET, input_size=64, progress=False,
+        student=True, log=lambda _m: None,
+    )  # fmt: skip
+    assert again.config.student is True and again.build_model().lgst is not None
 
 
 def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
