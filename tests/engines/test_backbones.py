@@ -96,3 +96,29 @@ def test_mapped_lite0_recognises_a_cat() -> None:
         probs = net.classify(x).softmax(dim=1)[0]
     assert 281 <= int(probs.argmax()) <= 285
     assert float(probs[281:286].sum()) > 0.8
+
+
+def test_lite0_normalisation_is_the_one_its_batch_norm_was_fitted_to() -> None:
+    """The stem's batch norm remembers the variance its conv produced in training: on natural
+    images our normalisation must reproduce it (TF Lite's (x − 127) / 128 gives ≈ 0.8×, the
+    torchvision ImageNet mean/std ≈ 4×, which distorts every feature downstream)."""
+    from skimage import data
+
+    net = create_backbone("efficientnet_lite0", weights="imagenet").net
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    norm = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    spec = backbone_spec("efficientnet_lite0")
+    pictures = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    x = torch.stack(
+        [
+            torch.nn.functional.interpolate(
+                torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1)[None].float(),
+                size=(224, 224), mode="bilinear", antialias=True,
+            )[0]
+            for p in pictures
+        ]
+    ) / 255  # fmt: skip
+    x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ratio = conv(x).var(dim=(0, 2, 3)) / norm.running_var
+    assert 0.5 < float(ratio.median()) < 2.0
