@@ -9,6 +9,7 @@ counter in Redis) gets exactly one event, and the verdicts are the right ones.
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -334,12 +335,12 @@ def test_the_history_keeps_every_verdict_of_both_epochs_when_redis_lost_its_data
                 p.start()
             wait_for_workers(bus)
             epochs = []
-            for i in range(2):
+            for i in (0, 1):
                 ingest = IngestThread(settings, IMAGES, n, size=SIZE, fps=50).start()
                 ingest.join(60)
                 ingest.close()
                 check_one_event_each(bus, n, 60)
-                wait_until(lambda i=i: caught_up(n * (i + 1)), 60, "the history")
+                wait_until(partial(caught_up, n * (i + 1)), 60, "the history")
                 epochs.append(bus.current_epoch())
                 if i == 0:
                     server.restart(crash=True, down_s=1.0)  # SIGKILL without persistence

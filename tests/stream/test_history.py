@@ -286,13 +286,16 @@ def test_a_history_from_before_the_epoch_is_migrated_and_keeps_its_rows(
 def test_pictures_of_one_seq_in_two_epochs_are_two_files(tmp_path: Path) -> None:
     archive = ImageArchive(tmp_path / "images", max_days=1, max_bytes=1 << 20)
     t = time.time()
-    rels = []
+    rels: list[str] = []
     for epoch, value in (("e1", 10), ("e2", 200), ("e2", 200)):
         img = np.full((8, 8, 3), value, np.uint8)
-        rels.append(archive.save_frame(make_frame("line1", "cam0", 5, img, encoding="png",
-                                                  t_capture=t, epoch=epoch)))  # fmt: skip
+        frame = make_frame("line1", "cam0", 5, img, encoding="png", t_capture=t, epoch=epoch)
+        rel = archive.save_frame(frame)
+        assert rel is not None
+        rels.append(rel)
     assert rels[0] != rels[1] == rels[2]  # a redelivery rewrites its own file, no other
-    assert [int(cv2.imread(str(archive.path(r)))[0, 0, 0]) for r in rels[:2]] == [10, 200]  # type: ignore[arg-type]
+    pictures = [cv2.imread(str(archive.path(r))) for r in rels[:2]]
+    assert [None if p is None else int(p[0, 0, 0]) for p in pictures] == [10, 200]
     no_epoch = make_frame("line1", "cam0", 5, np.zeros((8, 8, 3), np.uint8), t_capture=t)
     assert (
         archive.save_frame(no_epoch)
