@@ -213,6 +213,14 @@ class Ingestor:
             recorder=recorder,
         )
 
+    def _append(self, seq: int, payload: bytes) -> Any:
+        """One run of the send script (see the module docstring): the entry id, or a
+        ``ResponseError`` naming the conflict."""
+        return self._script(
+            keys=[self.bus.key("frames"), self.seq_key, self.sent_key, self.bus.epoch_key],
+            args=[seq, ENTRY_FIELD, payload, self.max_len, self.token, self.epoch],
+        )
+
     def send(self, image: np.ndarray, *, t_capture: float | None = None, name: str = "") -> Sent:
         """Resize, encode and append one image; returns the frame and its stream entry id."""
         t_cap = time.time() if t_capture is None else t_capture
@@ -230,10 +238,7 @@ class Ingestor:
         )
         payload = encode(frame, self.bus.limits)
         try:
-            entry_id = self._script(
-                keys=[self.bus.key("frames"), self.seq_key, self.sent_key, self.bus.epoch_key],
-                args=[seq, ENTRY_FIELD, payload, self.max_len, self.token, self.epoch],
-            )
+            entry_id = self._append(seq, payload)
         except redis.ResponseError as exc:
             if "SEQLOST" in str(exc):
                 raise SeqConflictError(
