@@ -596,6 +596,14 @@ def test_feedback_and_history_commands(tmp_path: Path) -> None:
     assert "line1/cam0/000000002 marked good part" in r.output
     r = runner.invoke(app, ["feedback", "line1/cam0/77", "--defect"], env=env)
     assert r.exit_code == 0 and "no verdict row" in r.output
+    # after Redis lost its data the key comes again; --epoch picks the older verdict
+    store.insert([row_from_event(event(3, "fail", epoch="e9", t=time.time() + 5))])
+    r = runner.invoke(app, ["feedback", "line1/cam0/3", "--defect"], env=env)
+    assert r.exit_code == 0 and store.get("line1/cam0/000000003", "e9").mark == "defect"  # type: ignore[union-attr]
+    r = runner.invoke(app, ["feedback", "line1/cam0/3", "--good", "--epoch", ""], env=env)
+    assert r.exit_code == 0 and store.get("line1/cam0/000000003", "").mark == "good"  # type: ignore[union-attr]
+    r = runner.invoke(app, ["feedback", "line1/cam0/3", "--good", "--epoch", "nope"], env=env)
+    assert r.exit_code != 0 and "no verdict" in r.output
     assert runner.invoke(app, ["feedback", "nonsense", "--good"], env=env).exit_code != 0
     assert (
         runner.invoke(app, ["feedback", "line1/cam0/2", "--good", "--defect"], env=env).exit_code
@@ -604,16 +612,16 @@ def test_feedback_and_history_commands(tmp_path: Path) -> None:
     r = runner.invoke(app, ["history", "--verdict", "fail", "--format", "json"], env=env)
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
-    assert data["counts"]["total"] == 14 and data["counts"]["fail"] == 2
-    assert data["reject_rate"] == pytest.approx(2 / 14)
-    assert [row["seq"] for row in data["rows"]] == [9, 2] and data["rows"][1]["mark"] == "good"
+    assert data["counts"]["total"] == 15 and data["counts"]["fail"] == 3
+    assert data["reject_rate"] == pytest.approx(3 / 15)
+    assert [row["seq"] for row in data["rows"]] == [3, 9, 2] and data["rows"][2]["mark"] == "good"
     r = runner.invoke(
         app, ["history", "--mark", "good", "--export", str(tmp_path / "g.csv")], env=env
     )
     assert r.exit_code == 0, r.output
-    assert len((tmp_path / "g.csv").read_text().splitlines()) == 2
+    assert len((tmp_path / "g.csv").read_text().splitlines()) == 3
     r = runner.invoke(app, ["history", "--since", "1h"], env=env)
-    assert r.exit_code == 0 and "14 verdicts in range" in r.output
+    assert r.exit_code == 0 and "15 verdicts in range" in r.output
     assert runner.invoke(app, ["history", "--since", "yesterday-ish"], env=env).exit_code != 0
     assert (
         runner.invoke(app, ["history", "--export", str(tmp_path / "x.xlsx")], env=env).exit_code
