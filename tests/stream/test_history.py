@@ -303,6 +303,27 @@ def test_pictures_of_one_seq_in_two_epochs_are_two_files(tmp_path: Path) -> None
     )
 
 
+def test_refit_feedback_gets_the_picture_of_each_epoch_s_marked_frame(tmp_path: Path) -> None:
+    """The frame key of both rejects is the same (seq 4 before and after Redis lost its
+    data): each mark reaches its own verdict's picture, and neither is reported missing."""
+    from lineguard.stream.history.feedback import collect_feedback
+
+    store = HistoryStore(None, directory=tmp_path / "h")
+    archive = ImageArchive(tmp_path / "h" / "images", max_days=1, max_bytes=1 << 20)
+    t = time.time()
+    for epoch, mark in (("e1", "good"), ("e2", "defect"), ("e3", "good")):
+        img = np.full((8, 8, 3), 40, np.uint8)
+        frame = make_frame("line1", "cam0", 4, img, encoding="png", t_capture=t, epoch=epoch)
+        row = row_from_event(event(4, "fail", epoch=epoch, t=t), image=archive.save_frame(frame))
+        store.insert([row])
+        store.mark(row.frame_key, mark, epoch=epoch)
+    fb = collect_feedback(store, archive.root)
+    assert len(fb.good) == len(set(fb.good)) == 2 and len(fb.defects) == 1
+    assert all(p.is_file() for p in (*fb.good, *fb.defects))
+    assert fb.missing == {"good": [], "defect": []}
+    store.close()
+
+
 def test_store_filters_by_camera_model_and_time(store: HistoryStore) -> None:
     evs = [
         event(i, "pass", camera="a" if i % 2 else "b", model="m-2" if i > 5 else "m-1")
