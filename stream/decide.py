@@ -523,7 +523,7 @@ class DecideStage:
         if scores.error is not None:
             return Event(
                 *base, "error", None, None, {}, scores.model, latency, scores.error,
-                scores.t_capture, t_event,
+                scores.t_capture, t_event, scores.epoch,
             )  # fmt: skip
         cal = self.calibrations.get(scores.model)
         if cal is None and (
@@ -538,14 +538,14 @@ class DecideStage:
             )
             return Event(
                 *base, "error", None, None, {}, scores.model, latency, reason,
-                scores.t_capture, t_event,
+                scores.t_capture, t_event, scores.epoch,
             )  # fmt: skip
         missing = [b for b in cal.branches if b not in scores.raw]
         if missing:
             reason = f"scores lack branch(es) {missing} that the calibration needs"
             return Event(
                 *base, "error", None, None, {}, scores.model, latency, reason,
-                scores.t_capture, t_event,
+                scores.t_capture, t_event, scores.epoch,
             )  # fmt: skip
         raw = np.asarray([[scores.raw[b] for b in cal.branches]], dtype=np.float64)
         contrib = cal.contributions(raw)[0]
@@ -555,7 +555,7 @@ class DecideStage:
             reason = "fused score is not finite"
             return Event(
                 *base, "error", None, None, {}, scores.model, latency, reason,
-                scores.t_capture, t_event,
+                scores.t_capture, t_event, scores.epoch,
             )  # fmt: skip
         verdict: Verdict = "fail" if fused > cal.threshold else "pass"
         reason = ""
@@ -567,7 +567,7 @@ class DecideStage:
             )
         return Event(
             *base, verdict, fused, float(cal.threshold), contributions, scores.model, latency,
-            reason, scores.t_capture, t_event,
+            reason, scores.t_capture, t_event, scores.epoch,
         )  # fmt: skip
 
     def _commit(self, pending: list[_Pending], ack_ids: list[str]) -> None:
@@ -678,7 +678,7 @@ class DecideStage:
             latency = {"total": max(0.0, t_event - t_capture)} if t_capture else {}
             event = Event(
                 self.bus.line, name, q, "uninspected", None, None, {}, self.current or "",
-                latency, reason, t_capture, t_event,
+                latency, reason, t_capture, t_event, self.epoch or "",
             )  # fmt: skip
             pending.append(_Pending(event, encode(event, self.bus.limits), ""))
         self._commit(pending, [])

@@ -587,6 +587,7 @@ class InferStage:
                     self._timings(e, timings),
                     self._map(amap, j),
                     self._seg(seg, amap, j),
+                    epoch=frame.epoch,
                 )
 
         for e, frame in batch.poison:
@@ -664,6 +665,7 @@ class InferStage:
             model.version,
             self._timings(e, extra),
             error=text,
+            epoch=frame.epoch,
         )
 
     def _refused(

@@ -13,6 +13,11 @@ last advanced the number. When a reply is lost (the server went down after runni
 but before answering) and the send is retried, the script recognises its own earlier success
 and returns that entry id instead of reporting a conflict. ``IngestStage`` retries a capture
 that could not be handed over after a Redis outage, so no capture is skipped.
+
+Every frame carries the line's epoch (``Bus.ensure_epoch``), and the script refuses to send
+when the epoch in Redis is no longer the one this ingest stamped: a server that lost its data
+numbers frames from 0 again, and the epoch is what tells those frames from the ones that had
+the same numbers before (the history keys verdicts and pictures on it).
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ from lineguard.stream.worker import StopFlag, line_key
 
 log = structlog.get_logger("lineguard.ingest")
 
-# KEYS[1] frames stream, KEYS[2] next-seq key, KEYS[3] last-send marker.
-# ARGV: expected seq, field, payload, maxlen, sender token.
+# KEYS[1] frames stream, KEYS[2] next-seq key, KEYS[3] last-send marker, KEYS[4] line epoch.
+# ARGV: expected seq, field, payload, maxlen, sender token, epoch stamped on the payload.
 _SEND_LUA = """
+if redis.call('GET', KEYS[4]) ~= ARGV[6] then return redis.error_reply('SEQLOST') end
 local stored = redis.call('GET', KEYS[2])
 local cur = tonumber(stored or '0')
 local mark = ARGV[5] .. ' ' .. ARGV[1] .. ' '
@@ -179,6 +185,7 @@ class Ingestor:
         self.sent_key = line_key(bus, "sent", camera)
         self.token = uuid.uuid4().hex
         self._script = bus.client.register_script(_SEND_LUA)
+        self.epoch = bus.ensure_epoch()  # before the seq: a counter read belongs to it
         self.next_seq = int(bus.client.get(self.seq_key) or 0)
         self.sent = 0
         self._metrics = get_metrics()
@@ -206,6 +213,14 @@ class Ingestor:
             recorder=recorder,
         )
 
+    def _append(self, seq: int, payload: bytes) -> Any:
+        """One run of the send script (see the module docstring): the entry id, or a
+        ``ResponseError`` naming the conflict."""
+        return self._script(
+            keys=[self.bus.key("frames"), self.seq_key, self.sent_key, self.bus.epoch_key],
+            args=[seq, ENTRY_FIELD, payload, self.max_len, self.token, self.epoch],
+        )
+
     def send(self, image: np.ndarray, *, t_capture: float | None = None, name: str = "") -> Sent:
         """Resize, encode and append one image; returns the frame and its stream entry id."""
         t_cap = time.time() if t_capture is None else t_capture
@@ -219,20 +234,19 @@ class Ingestor:
             encoding=self.encoding,
             jpeg_quality=self.jpeg_quality,
             t_capture=t_cap,
+            epoch=self.epoch,
         )
         payload = encode(frame, self.bus.limits)
         try:
-            entry_id = self._script(
-                keys=[self.bus.key("frames"), self.seq_key, self.sent_key],
-                args=[seq, ENTRY_FIELD, payload, self.max_len, self.token],
-            )
+            entry_id = self._append(seq, payload)
         except redis.ResponseError as exc:
             if "SEQLOST" in str(exc):
                 raise SeqConflictError(
-                    f"the sequence counter of camera {self.camera!r} vanished from Redis while "
-                    f"this ingest was at seq {seq} (server restarted without persistence, or "
-                    "keys deleted); restart the line's workers so all stages start afresh, and "
-                    "enable AOF (LINEGUARD_REDIS__EMBEDDED_APPENDONLY or appendonly yes)"
+                    f"the sequence counter or epoch of camera {self.camera!r} vanished from "
+                    f"Redis while this ingest was at seq {seq} (server restarted without "
+                    "persistence, or keys deleted); restart the line's workers so all stages "
+                    "start afresh, and enable AOF (LINEGUARD_REDIS__EMBEDDED_APPENDONLY or "
+                    "appendonly yes)"
                 ) from None
             if "SEQCONFLICT" not in str(exc):
                 raise

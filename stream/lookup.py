@@ -11,7 +11,7 @@ looking at a bounded number of entries. Read-only: plain XRANGE, never a group.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import msgpack
 
@@ -33,8 +33,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def peek_identity(fields: Any) -> tuple[str, str, int] | None:
-    """(line, camera, seq) of a packed message without validating the rest of it."""
+Identity: TypeAlias = tuple[str, str, int, str]
+"""(line, camera, seq, epoch): a frame key alone repeats after Redis lost its data."""
+
+
+def peek_identity(fields: Any) -> Identity | None:
+    """(line, camera, seq, epoch) of a packed message without validating the rest of it."""
     try:
         data = fields.get(ENTRY_FIELD)
         obj = msgpack.unpackb(data, raw=False) if isinstance(data, bytes) else None
@@ -43,14 +47,13 @@ def peek_identity(fields: Any) -> tuple[str, str, int] | None:
     if not isinstance(obj, dict):
         return None
     line, camera, seq = obj.get("line"), obj.get("camera"), obj.get("seq")
+    epoch = obj.get("epoch", "")
     if isinstance(line, str) and isinstance(camera, str) and type(seq) is int:
-        return line, camera, seq
+        return line, camera, seq, epoch if isinstance(epoch, str) else ""
     return None
 
 
-def scan(
-    bus: Bus, stream: StreamName, lo_ms: int, hi_ms: int, want: tuple[str, str, int], limit: int
-) -> Any:
+def scan(bus: Bus, stream: StreamName, lo_ms: int, hi_ms: int, want: Identity, limit: int) -> Any:
     """The fields of the first entry of ``stream`` between the two times whose message is for
     frame ``want``, looking at no more than ``limit`` entries (None if not found)."""
     key = bus.key(stream)
@@ -72,7 +75,7 @@ def scan(
 def _find(
     bus: Bus,
     stream: StreamName,
-    want: tuple[str, str, int],
+    want: Identity,
     windows: list[tuple[int, int, int]],
     decode: Callable[[Any, Any], T],
 ) -> T | None:
@@ -90,7 +93,7 @@ def _find(
 
 def find_scores(bus: Bus, ev: Event, *, scan_limit: int = 2_000) -> Scores | None:
     """The scores message of ``ev``'s frame, by time range around when infer wrote it."""
-    want = (ev.line, ev.camera, ev.seq)
+    want = (ev.line, ev.camera, ev.seq, ev.epoch)
     lat = ev.latency
     t_capture_ms = int(ev.t_capture * 1000)
     t_event_ms = int(ev.t_event * 1000)
@@ -108,7 +111,7 @@ def find_frame(
     """The frame itself, if the bounded frames stream still has it. ``t_queued`` (when ingest
     appended it, from the scores' timings or the event's latency) narrows the search to a
     couple of milliseconds."""
-    want = (ev.line, ev.camera, ev.seq)
+    want = (ev.line, ev.camera, ev.seq, ev.epoch)
     windows = []
     if t_queued:
         ms = round(t_queued * 1000)

@@ -212,6 +212,15 @@ def feedback(
         bool, typer.Option("--defect", help="A defect (confirmed, or missed and found later).")
     ] = False,
     note: Annotated[str, typer.Option(metavar="TEXT", help="Why, for the record.")] = "",
+    epoch: Annotated[
+        str | None,
+        typer.Option(
+            metavar="EPOCH",
+            help="The verdict of this line epoch ('lineguard history --format json' shows "
+            "it); default: the newest verdict of FRAME_KEY. A frame key repeats after Redis "
+            "lost its data.",
+        ),
+    ] = None,
     history_url: HistoryUrlOpt = None,
     history_dir: HistoryDirOpt = None,
 ) -> None:
@@ -232,8 +241,14 @@ def feedback(
     key = make_key(line_id, camera, int(seq))  # the stored, zero-padded spelling
     store = open_history(history_url, history_dir)
     with store:
-        store.mark(key, "good" if good else "defect", source="cli", note=note)
-        found = store.get(key)
+        if epoch is not None and store.get(key, epoch) is None:
+            raise typer.BadParameter(
+                f"the history has no verdict of {key} in epoch {epoch!r}; leave out --epoch "
+                "to mark its newest verdict",
+                param_hint="--epoch",
+            )
+        store.mark(key, "good" if good else "defect", epoch=epoch, source="cli", note=note)
+        found = store.get(key, epoch)
     what = "good part" if good else "defect"
     tail = "" if found else " (no verdict row for it yet: the mark waits for it)"
     console.print(f"{key} marked {what}{tail}", highlight=False)

@@ -331,7 +331,9 @@ class LineView:
         self.bad_entries = 0
         self.duplicates = 0
         self.buckets: dict[int, _Bucket] = {}
-        self.seen: OrderedDict[str, None] = OrderedDict()
+        # (frame key, epoch): the key alone repeats once Redis lost its data and ingest
+        # numbered frames from 0 again, and those verdicts are new, not duplicates
+        self.seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.rejects: deque[Reject] = deque(maxlen=max(1, self.cfg.rejects))
         self.queues: dict[str, dict[str, Any] | None] = {}
         self.workers: list[dict[str, Any]] = []
@@ -426,7 +428,7 @@ class LineView:
         except ProtocolError:
             self.bad_entries += 1
             return
-        key = ev.key
+        key = (ev.key, ev.epoch)
         if key in self.seen:
             self.duplicates += 1
             return

@@ -1,6 +1,6 @@
 """The verdict history: every event kept in SQLite or PostgreSQL, with the operator's marks.
 
-- ``rows``: the row (``docs/schemas/history-v1.json``) and how an event becomes one;
+- ``rows``: the row (``docs/schemas/history-v2.json``) and how an event becomes one;
 - ``store``: the two tables in either database, written idempotently by frame key;
 - ``archive``: rejects' pictures on disk under a retention limit;
 - ``worker``: the ``history`` consumer group that fills it, exactly once;

@@ -2,7 +2,10 @@
 
 The history worker saves a reject's frame (the bytes ingest put on the bus: the line's own
 JPEG or PNG, or a PNG of a raw frame) and, when infer sent one, its anomaly map as a grey PNG,
-as ``<camera>/<YYYYMMDD>/<seq>.<ext>`` under ``dir/images``. The database stores the path
+as ``<camera>/<YYYYMMDD>/<seq>-<epoch>.<ext>`` under ``dir/images`` (``<seq>.<ext>`` for a
+frame without an epoch, as before epochs existed). The epoch is in the name because the seq
+is not unique: a Redis server that lost its data numbers frames from 0 again, and the same
+day's new frame 42 overwrote the picture of the old one. The database stores the path
 relative to that folder, so the folder can move with the volume. Saving the same frame
 again writes the same file, so a redelivered event costs a rewrite, never a second copy.
 
@@ -48,9 +51,10 @@ class ImageArchive:
         self._written_since_prune = 0
         self._bytes_at_prune = 0
 
-    def _relpath(self, camera: str, seq: int, t_capture: float, suffix: str) -> str:
+    def _relpath(self, camera: str, seq: int, t_capture: float, epoch: str, suffix: str) -> str:
         day = time.strftime("%Y%m%d", time.gmtime(t_capture))
-        return f"{camera}/{day}/{seq:09d}{suffix}"
+        tag = f"-{epoch}" if epoch else ""
+        return f"{camera}/{day}/{seq:09d}{tag}{suffix}"
 
     def _write(self, rel: str, data: bytes) -> str:
         path = self.root / rel
@@ -77,9 +81,12 @@ class ImageArchive:
             if not ok:
                 return None
             ext, data = ".png", buf.tobytes()
-        return self._write(self._relpath(frame.camera, frame.seq, frame.t_capture, ext), data)
+        rel = self._relpath(frame.camera, frame.seq, frame.t_capture, frame.epoch, ext)
+        return self._write(rel, data)
 
-    def save_map(self, camera: str, seq: int, t_capture: float, amap: LowResMap) -> str | None:
+    def save_map(
+        self, camera: str, seq: int, t_capture: float, amap: LowResMap, *, epoch: str = ""
+    ) -> str | None:
         """Save an anomaly map as a grey PNG of its quantised values (None if unreadable)."""
         try:
             plane = amap.to_uint8()
@@ -88,7 +95,8 @@ class ImageArchive:
         ok, buf = cv2.imencode(".png", plane)
         if not ok:
             return None
-        return self._write(self._relpath(camera, seq, t_capture, ".map.png"), buf.tobytes())
+        rel = self._relpath(camera, seq, t_capture, epoch, ".map.png")
+        return self._write(rel, buf.tobytes())
 
     def path(self, rel: str) -> Path:
         """The file of a stored relative path, refusing anything outside the folder."""

@@ -1,7 +1,7 @@
 """Exporting history rows: CSV, Parquet or JSON lines, chosen by the file's suffix.
 
 Rows stream through in pages (``HistoryStore.iter_rows``), so an export of a month of a line
-holds one page in memory. Every format has the columns of ``docs/schemas/history-v1.json`` in
+holds one page in memory. Every format has the columns of ``docs/schemas/history-v2.json`` in
 the same order; ``contributions`` is a JSON object in JSON lines and JSON text in CSV and
 Parquet (the branches differ between bundles, so it is not a fixed set of columns). Parquet
 files carry the schema id in their key-value metadata (``lineguard.schema``).

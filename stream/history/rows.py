@@ -1,11 +1,14 @@
 """One history row per verdict: what is kept of an event, and the operator's mark on it.
 
-The row is the event flattened for a table: the frame key (the primary key, so writing the
-same event twice is a no-op), identity, times, verdict, reason, fused score and threshold,
-each branch's contribution (JSON text: the branches differ between bundles), the model
-version, the end-to-end latency and where the reject's pictures were saved. Its published
-shape is ``docs/schemas/history-v1.json``; ``ROW_SCHEMA`` names it in every export, and a
-change that breaks a reader of v1 gets a new file and a new id.
+The row is the event flattened for a table: the frame key and the line epoch it was numbered
+in (together the primary key, so writing the same event twice is a no-op, while a frame that
+got a used key again after Redis lost its data is a row of its own), identity, times,
+verdict, reason, fused score and threshold, each branch's contribution (JSON text: the
+branches differ between bundles), the model version, the end-to-end latency and where the
+reject's pictures were saved. Its published shape is ``docs/schemas/history-v2.json`` (v2
+added ``epoch``; v1 readers refused the new column); ``ROW_SCHEMA`` names it in every
+export, and a change that breaks a reader of v2 gets a new file and a new id. Rows written
+before epochs existed have epoch ``""``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 from lineguard.stream.protocol import Event
 
-ROW_SCHEMA: Final = "lineguard/history-v1"
+ROW_SCHEMA: Final = "lineguard/history-v2"
 Mark: TypeAlias = Literal["good", "defect"]
 MARKS: Final[tuple[Mark, ...]] = ("good", "defect")
 MAX_NOTE: Final = 500
@@ -32,6 +35,7 @@ class HistoryRow:
     """A verdict as the history keeps it (column order = export column order)."""
 
     frame_key: str
+    epoch: str
     line: str
     camera: str
     seq: int
@@ -72,6 +76,7 @@ def row_from_event(
     contributions = {k: _finite(v) for k, v in ev.contributions.items()}
     return HistoryRow(
         frame_key=ev.key,
+        epoch=ev.epoch,
         line=ev.line,
         camera=ev.camera,
         seq=int(ev.seq),

@@ -1,11 +1,22 @@
 """The history's tables, in SQLite (embedded, the default) or PostgreSQL, behind one class.
 
-Two tables, ``<prefix>_verdicts`` (one row per frame key, written once) and ``<prefix>_marks``
-(the operator's latest mark per frame key, which may arrive before the verdict row does: a
-missed defect reported downstream while the worker is behind). Both dialects get the same
-statements apart from the parameter style and column types; ``ON CONFLICT (frame_key) DO
-NOTHING`` is what makes a re-delivered event harmless, so the worker can acknowledge the
-stream only after the commit and still never write a verdict twice.
+Two tables, ``<prefix>_verdicts`` (one row per frame key and line epoch, written once) and
+``<prefix>_marks`` (the operator's latest mark per frame key and epoch, which may arrive before
+the verdict row does: a missed defect reported downstream while the worker is behind). Both
+dialects get the same statements apart from the parameter style and column types; ``ON
+CONFLICT (frame_key, epoch) DO NOTHING`` is what makes a re-delivered event harmless, so the
+worker can acknowledge the stream only after the commit and still never write a verdict twice.
+
+The epoch is part of the key because the frame key alone repeats: the seq counters live in
+Redis, and a server that lost its data numbers frames from 0 again. Keyed on the frame key
+alone, every verdict of the new numbering whose key the history already had was dropped as a
+duplicate. A bare frame key (``get``, ``mark``, ``marks``, as the CLI and dashboard pass it)
+names its newest verdict. A mark made before any row of its frame key exists is kept under
+epoch ``*`` and handed to the first row written with that key.
+
+Tables from before the epoch (primary key ``frame_key``) are migrated when a store first
+connects, in one transaction: PostgreSQL adds the column and moves the primary key; SQLite,
+which cannot change a primary key, copies the table. Their rows get epoch ``""``.
 
 Every database failure that may pass (server down, file locked, connection dropped) is raised
 as ``HistoryUnavailable`` and the connection is dropped, so the next call reconnects; what
@@ -46,8 +57,11 @@ _TYPES: Final[dict[Dialect, dict[str, str]]] = {
     "sqlite": {"int": "INTEGER", "float": "REAL", "text": "TEXT"},
     "postgresql": {"int": "BIGINT", "float": "DOUBLE PRECISION", "text": "TEXT"},
 }
+PENDING_EPOCH: Final = "*"
+"""The epoch of a mark made before any verdict row of its frame key existed (see above)."""
 _KINDS: Final = {
     "frame_key": "text",
+    "epoch": "text",
     "line": "text",
     "camera": "text",
     "seq": "int",
@@ -203,72 +217,212 @@ class HistoryStore:
                 self.close()
             raise
 
-    def _create_schema(self, conn: Any) -> None:
+    def _table_sql(self, table: str) -> str:
         types = _TYPES[self.dialect]
-        cols = ", ".join(
-            f"{c} {types[_KINDS[c]]}" + (" PRIMARY KEY" if c == "frame_key" else "")
-            for c in VERDICT_COLUMNS
-        )
         text, num = types["text"], types["float"]
+        if table == self.verdicts:
+            cols = ", ".join(
+                f"{c} {types[_KINDS[c]]}" + (" NOT NULL DEFAULT ''" if c == "epoch" else "")
+                for c in VERDICT_COLUMNS
+            )
+            body = f"{cols}, t_stored {num}"
+        else:
+            body = (
+                f"frame_key {text}, epoch {text} NOT NULL DEFAULT '', mark {text} NOT NULL, "
+                f"t_mark {num} NOT NULL, source {text}, note {text}"
+            )
+        return f"CREATE TABLE IF NOT EXISTS {table} ({body}, PRIMARY KEY (frame_key, epoch))"
+
+    def _create_schema(self, conn: Any) -> None:
+        self._migrate(conn)
         statements = [
-            f"CREATE TABLE IF NOT EXISTS {self.verdicts} ({cols}, t_stored {num})",
+            self._table_sql(self.verdicts),
             f"CREATE INDEX IF NOT EXISTS {self.verdicts}_t "
             f"ON {self.verdicts} (t_capture, frame_key)",
             f"CREATE INDEX IF NOT EXISTS {self.verdicts}_cam_t "
             f"ON {self.verdicts} (camera, t_capture)",
-            f"CREATE TABLE IF NOT EXISTS {self.marks_table} (frame_key {text} PRIMARY KEY, "
-            f"mark {text} NOT NULL, t_mark {num} NOT NULL, source {text}, note {text})",
+            self._table_sql(self.marks_table),
         ]
         cur = conn.cursor()
         for sql in statements:
             cur.execute(sql)
         conn.commit()
 
+    def _columns(self, cur: Any, table: str) -> list[str]:
+        """The columns of ``table`` (empty if it does not exist)."""
+        if self.dialect == "sqlite":
+            cur.execute(f"PRAGMA table_info({table})")
+            return [str(r[1]) for r in cur.fetchall()]
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = %s",
+            (table,),
+        )
+        return [str(r[0]) for r in cur.fetchall()]
+
+    def _migrate(self, conn: Any) -> None:
+        """Give tables from before the epoch the (frame_key, epoch) key (module docstring).
+
+        Checked again under a write lock, so two processes opening an old history at once
+        migrate it once; a failure rolls the whole migration back."""
+        cur = conn.cursor()
+        tables = (self.verdicts, self.marks_table)
+        if not any(c and "epoch" not in c for c in (self._columns(cur, t) for t in tables)):
+            conn.rollback()  # ends the read: nothing to do
+            return
+        try:
+            if self.dialect == "sqlite":
+                conn.rollback()
+                cur.execute("BEGIN IMMEDIATE")  # the write lock, before the second look
+            for table in tables:
+                if self.dialect == "postgresql":
+                    cur.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                old = self._columns(cur, table)
+                if not old or "epoch" in old:
+                    continue
+                self._migrate_table(cur, table, old)
+                log.warning(
+                    "history.migrated", table=table, where=self.where, key="frame_key, epoch"
+                )
+            conn.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
+
+    def _migrate_table(self, cur: Any, table: str, old: list[str]) -> None:
+        if self.dialect == "postgresql":
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN epoch TEXT NOT NULL DEFAULT ''")
+            cur.execute(
+                "SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'p'",
+                (table,),
+            )
+            for (name,) in cur.fetchall():
+                cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+            cur.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (frame_key, epoch)")
+            return
+        # SQLite cannot change a primary key: copy into a table of the new shape; the old
+        # table's indexes go with it and _create_schema makes them again
+        legacy = f"{table}__v1"
+        cols = ", ".join(old)
+        cur.execute(f"ALTER TABLE {table} RENAME TO {legacy}")
+        cur.execute(self._table_sql(table))
+        cur.execute(f"INSERT INTO {table} ({cols}, epoch) SELECT {cols}, '' FROM {legacy}")
+        cur.execute(f"DROP TABLE {legacy}")
+
     # writing ------------------------------------------------------------------------
 
     def insert(self, rows: Sequence[HistoryRow]) -> int:
-        """Write ``rows`` in one transaction; rows whose frame key is already there are
-        skipped. Returns how many were new. Once this returns, they are committed."""
+        """Write ``rows`` in one transaction; rows whose (frame key, epoch) is already there
+        are skipped. Returns how many were new. Once this returns, they are committed."""
         if not rows:
             return 0
         cols = ", ".join((*VERDICT_COLUMNS, "t_stored"))
         marks = ", ".join([self._ph] * (len(VERDICT_COLUMNS) + 1))
         sql = (
             f"INSERT INTO {self.verdicts} ({cols}) VALUES ({marks}) "
-            "ON CONFLICT (frame_key) DO NOTHING"
+            "ON CONFLICT (frame_key, epoch) DO NOTHING"
         )
         now = time.time()
         values = [(*(getattr(r, c) for c in VERDICT_COLUMNS), now) for r in rows]
-        keys = [r.frame_key for r in rows]
+        keys = [(r.frame_key, r.epoch) for r in rows]
         with self._tx() as cur:
             before = self._count_keys(cur, keys)
             cur.executemany(sql, values)
+            self._claim_pending_marks(cur, rows)
         return len(set(keys)) - before
 
-    def _count_keys(self, cur: Any, keys: list[str]) -> int:
-        """How many of ``keys`` are already stored (inside the insert's transaction, so the
-        number of new rows is exact whatever the driver's executemany rowcount says)."""
+    def _count_keys(self, cur: Any, keys: list[tuple[str, str]]) -> int:
+        """How many of ``keys`` (frame key, epoch) are already stored (inside the insert's
+        transaction, so the number of new rows is exact whatever the driver's executemany
+        rowcount says)."""
         total = 0
+        unique = list(dict.fromkeys(keys))
+        pair = f"({self._ph}, {self._ph})"
+        for i in range(0, len(unique), 500):
+            chunk = unique[i : i + 500]
+            cur.execute(
+                f"SELECT COUNT(*) FROM {self.verdicts} WHERE (frame_key, epoch) IN "
+                f"(VALUES {', '.join([pair] * len(chunk))})",
+                [x for k in chunk for x in k],
+            )
+            total += int(cur.fetchone()[0])
+        return total
+
+    def _claim_pending_marks(self, cur: Any, rows: Sequence[HistoryRow]) -> None:
+        """Hand marks made before their verdict row existed (epoch ``*``) to the row of that
+        frame key just written (the newest, if the batch holds several epochs of it)."""
+        newest: dict[str, HistoryRow] = {}
+        for r in rows:
+            if r.frame_key not in newest or r.t_capture > newest[r.frame_key].t_capture:
+                newest[r.frame_key] = r
+        keys = list(newest)
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            ph = ", ".join([self._ph] * len(chunk))
+            cur.execute(
+                f"SELECT frame_key FROM {self.marks_table} WHERE epoch = {self._ph} "
+                f"AND frame_key IN ({ph})",
+                [PENDING_EPOCH, *chunk],
+            )
+            for (key,) in cur.fetchall():
+                epoch = newest[str(key)].epoch
+                # a mark the row already has (made on it by epoch) wins over the pending one
+                cur.execute(
+                    f"DELETE FROM {self.marks_table} WHERE frame_key = {self._ph} "
+                    f"AND epoch = {self._ph} AND EXISTS (SELECT 1 FROM {self.marks_table} m "
+                    f"WHERE m.frame_key = {self._ph} AND m.epoch = {self._ph})",
+                    (key, PENDING_EPOCH, key, epoch),
+                )
+                cur.execute(
+                    f"UPDATE {self.marks_table} SET epoch = {self._ph} "
+                    f"WHERE frame_key = {self._ph} AND epoch = {self._ph}",
+                    (epoch, key, PENDING_EPOCH),
+                )
+
+    def _newest_epochs(self, cur: Any, keys: Sequence[str]) -> dict[str, str]:
+        """The epoch of each frame key's newest verdict row (keys without a row are left
+        out): what a bare frame key names."""
+        out: dict[str, tuple[float, str]] = {}
         unique = list(dict.fromkeys(keys))
         for i in range(0, len(unique), 500):
             chunk = unique[i : i + 500]
             ph = ", ".join([self._ph] * len(chunk))
-            cur.execute(f"SELECT COUNT(*) FROM {self.verdicts} WHERE frame_key IN ({ph})", chunk)
-            total += int(cur.fetchone()[0])
-        return total
+            cur.execute(
+                f"SELECT frame_key, epoch, t_capture FROM {self.verdicts} "
+                f"WHERE frame_key IN ({ph})",
+                chunk,
+            )
+            for key, epoch, t in cur.fetchall():
+                at = (float(t or 0.0), str(epoch))
+                if str(key) not in out or at > out[str(key)]:
+                    out[str(key)] = at
+        return {k: e for k, (_t, e) in out.items()}
 
-    def mark(self, frame_key: str, mark: str, *, source: str = "cli", note: str = "") -> None:
-        """Record the operator's mark on a frame (the latest mark wins)."""
+    def mark(
+        self,
+        frame_key: str,
+        mark: str,
+        *,
+        epoch: str | None = None,
+        source: str = "cli",
+        note: str = "",
+    ) -> None:
+        """Record the operator's mark on a frame (the latest mark wins); without ``epoch``,
+        on the newest verdict of ``frame_key``, or the first one written if none is yet."""
         if mark not in MARKS:
             raise ConfigError(f"mark {mark!r} is not one of {', '.join(MARKS)}")
         sql = (
-            f"INSERT INTO {self.marks_table} (frame_key, mark, t_mark, source, note) "
-            f"VALUES ({', '.join([self._ph] * 5)}) ON CONFLICT (frame_key) DO UPDATE SET "
-            "mark = excluded.mark, t_mark = excluded.t_mark, source = excluded.source, "
+            f"INSERT INTO {self.marks_table} (frame_key, epoch, mark, t_mark, source, note) "
+            f"VALUES ({', '.join([self._ph] * 6)}) ON CONFLICT (frame_key, epoch) DO UPDATE "
+            "SET mark = excluded.mark, t_mark = excluded.t_mark, source = excluded.source, "
             "note = excluded.note"
         )
         with self._tx() as cur:
-            cur.execute(sql, (frame_key, mark, time.time(), source[:40], note[:MAX_NOTE]))
+            if epoch is None:
+                epoch = self._newest_epochs(cur, [frame_key]).get(frame_key, PENDING_EPOCH)
+            row = (frame_key, epoch, mark, time.time(), source[:40], note[:MAX_NOTE])
+            cur.execute(sql, row)
 
     # reading ------------------------------------------------------------------------
 
@@ -301,7 +455,7 @@ class HistoryStore:
         cols = ", ".join([f"v.{c}" for c in VERDICT_COLUMNS] + ["m.mark", "m.t_mark"])
         return (
             f"SELECT {cols} FROM {self.verdicts} v LEFT JOIN {self.marks_table} m "
-            f"ON m.frame_key = v.frame_key"
+            f"ON m.frame_key = v.frame_key AND m.epoch = v.epoch"
         )
 
     def query(
@@ -344,16 +498,18 @@ class HistoryStore:
         page: int = 5_000,
     ) -> Iterator[HistoryRow]:
         """Like ``query`` but in pages, so an export of millions of rows holds one page in
-        memory at a time. Pages continue after the last row's (capture time, frame key)
-        rather than by OFFSET, so each page costs the same however deep the export is."""
+        memory at a time. Pages continue after the last row's (capture time, frame key,
+        epoch) rather than by OFFSET, so each page costs the same however deep the export
+        is (the epoch breaks ties: verdicts of lost frames of two epochs share key and time 0)."""
         where, args = self._where(since, until, camera, verdict, model, mark)
         order, cmp = ("DESC", "<") if newest_first else ("ASC", ">")
         select = self._select_rows()
-        tail = f" ORDER BY v.t_capture {order}, v.frame_key {order} LIMIT "
-        after = f"(v.t_capture, v.frame_key) {cmp} ({self._ph}, {self._ph})"
+        tail = f" ORDER BY v.t_capture {order}, v.frame_key {order}, v.epoch {order} LIMIT "
+        after = f"(v.t_capture, v.frame_key, v.epoch) {cmp} ({self._ph}, {self._ph}, {self._ph})"
         left = limit
-        last: tuple[float, str] | None = None
+        last: tuple[float, str, str] | None = None
         t_at, key_at = COLUMNS.index("t_capture"), COLUMNS.index("frame_key")
+        epoch_at = COLUMNS.index("epoch")
         while left is None or left > 0:
             n = page if left is None else min(page, left)
             if last is None:
@@ -368,15 +524,21 @@ class HistoryStore:
                 yield HistoryRow(**dict(zip(COLUMNS, raw, strict=True)))
             if len(batch) < n:
                 return
-            last = (batch[-1][t_at], batch[-1][key_at])
+            last = (batch[-1][t_at], batch[-1][key_at], batch[-1][epoch_at])
             if left is not None:
                 left -= len(batch)
 
-    def get(self, frame_key: str) -> HistoryRow | None:
-        """One frame's row with its mark, or None if the history has no verdict for it."""
+    def get(self, frame_key: str, epoch: str | None = None) -> HistoryRow | None:
+        """One frame's row with its mark (without ``epoch``, its newest verdict), or None if
+        the history has no verdict for it."""
         sql = f"{self._select_rows()} WHERE v.frame_key = {self._ph}"
+        args: list[Any] = [frame_key]
+        if epoch is not None:
+            sql += f" AND v.epoch = {self._ph}"
+            args.append(epoch)
+        sql += " ORDER BY v.t_capture DESC, v.epoch DESC LIMIT 1"
         with self._tx() as cur:
-            cur.execute(sql, (frame_key,))
+            cur.execute(sql, args)
             raw = cur.fetchone()
         return None if raw is None else HistoryRow(**dict(zip(COLUMNS, raw, strict=True)))
 
@@ -400,7 +562,8 @@ class HistoryStore:
             return int(cur.fetchone()[0])
 
     def marks(self, keys: Sequence[str]) -> dict[str, str]:
-        """The marks of these frame keys (those that have one)."""
+        """The marks of these frame keys (those that have one): each key's newest verdict's
+        mark, or its pending mark if it has no verdict row yet."""
         out: dict[str, str] = {}
         unique = list(dict.fromkeys(keys))
         for i in range(0, len(unique), 500):
@@ -409,11 +572,15 @@ class HistoryStore:
                 continue
             ph = ", ".join([self._ph] * len(chunk))
             with self._tx() as cur:
+                newest = self._newest_epochs(cur, chunk)
                 cur.execute(
-                    f"SELECT frame_key, mark FROM {self.marks_table} WHERE frame_key IN ({ph})",
+                    f"SELECT frame_key, epoch, mark FROM {self.marks_table} "
+                    f"WHERE frame_key IN ({ph})",
                     chunk,
                 )
-                out.update({str(k): str(m) for k, m in cur.fetchall()})
+                for k, e, m in cur.fetchall():
+                    if str(e) == newest.get(str(k), PENDING_EPOCH):
+                        out[str(k)] = str(m)
         return out
 
     def marked(self, mark: str) -> list[tuple[str, str | None]]:
@@ -421,7 +588,8 @@ class HistoryStore:
         whose verdict row has not been written yet."""
         sql = (
             f"SELECT m.frame_key, v.image FROM {self.marks_table} m LEFT JOIN {self.verdicts} v "
-            f"ON v.frame_key = m.frame_key WHERE m.mark = {self._ph} ORDER BY m.t_mark"
+            f"ON v.frame_key = m.frame_key AND v.epoch = m.epoch WHERE m.mark = {self._ph} "
+            "ORDER BY m.t_mark"
         )
         with self._tx() as cur:
             cur.execute(sql, (mark,))

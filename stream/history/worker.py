@@ -1,12 +1,15 @@
 """The history worker: every event of the line into the history, exactly once.
 
 A consumer group (``history``) on the events stream, driven by ``run_worker`` like the other
-stages (so it heartbeats and shows in ``lineguard health``). One step reads a batch, turns the
-events into rows, saves the rejects' pictures, inserts the rows in one transaction and only
-then acknowledges the entries. The insert skips frame keys already stored, so every way an
-event can come twice is harmless: a crash between commit and ack (the entries are replayed
-from this consumer's pending list on restart, or reclaimed by a peer), a retried ack, a
-duplicate on the stream. A crash before the commit leaves the entries pending: nothing lost.
+stages (so it heartbeats and shows in ``lineguard health``). One step reads a batch, turns
+the events into rows, saves the rejects' pictures, inserts the rows in one transaction and
+only then acknowledges the entries. The insert skips (frame key, epoch) pairs already
+stored, so every way an event can come twice is harmless: a crash between commit and ack
+(the entries are replayed from this consumer's pending list on restart, or reclaimed by a
+peer), a retried ack, a duplicate on the stream. A crash before the commit leaves the
+entries pending: nothing lost. The epoch (carried by every event, see ``Bus.ensure_epoch``)
+keeps a frame numbered again after Redis lost its data from passing for a duplicate of the
+old frame with its key.
 
 While the database is down the batch is held, unacknowledged, and the insert is retried with
 a capped backoff; nothing new is read meanwhile, so the backlog waits in Redis (the events
@@ -193,7 +196,9 @@ class HistoryStage:
             if frame is not None:
                 image = self.archive.save_frame(frame, self.bus.limits)
             if scores is not None and scores.amap is not None:
-                map_path = self.archive.save_map(ev.camera, ev.seq, ev.t_capture, scores.amap)
+                map_path = self.archive.save_map(
+                    ev.camera, ev.seq, ev.t_capture, scores.amap, epoch=ev.epoch
+                )
         except OSError as exc:  # a full disk must not stop the verdicts being kept
             log.warning("history.image_failed", key=ev.key, error=str(exc))
         self.counts["images"] += int(image is not None) + int(map_path is not None)

@@ -15,10 +15,11 @@ import numpy as np
 from lineguard.stream.protocol.errors import ProtocolError
 from lineguard.stream.protocol.images import encode_image, imdecode, png_complete, png_header
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+"""2 added ``epoch`` to every message; 1 (no epoch) is still read, as epoch ``""``."""
 
 
-SUPPORTED_VERSIONS: Final = frozenset({1})
+SUPPORTED_VERSIONS: Final = frozenset({1, 2})
 
 
 ENTRY_FIELD: Final = b"m"
@@ -44,13 +45,20 @@ MAP_CODECS: Final = ("png", "raw")
 
 
 def frame_key(line: str, camera: str, seq: int) -> str:
-    """The identity of a frame across stages; zero-padded so keys sort in capture order."""
+    """The identity of a frame across stages; zero-padded so keys sort in capture order.
+
+    Unique within one epoch of the line (``Bus.ensure_epoch``) only: a Redis server that
+    lost its data numbers frames from 0 again, so whatever outlives Redis (the history, its
+    pictures) keys a frame on (epoch, frame key), and every message carries the epoch."""
     return f"{line}/{camera}/{seq:09d}"
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One captured image. ``payload`` is RGB row-major uint8 for ``raw``, else the file bytes."""
+    """One captured image. ``payload`` is RGB row-major uint8 for ``raw``, else the file bytes.
+
+    ``epoch`` is the line's epoch when ingest numbered the frame (``""``: unknown, a v1
+    message); scores and events copy it, so a verdict names the numbering it belongs to."""
 
     line: str
     camera: str
@@ -59,6 +67,7 @@ class Frame:
     encoding: Encoding
     shape: tuple[int, int, int]
     payload: bytes
+    epoch: str = ""
 
     @property
     def key(self) -> str:
@@ -174,6 +183,7 @@ class Scores:
     amap: LowResMap | None = None
     seg: LowResMap | None = None
     error: str | None = None
+    epoch: str = ""
 
     @property
     def key(self) -> str:
@@ -200,6 +210,7 @@ class Event:
     reason: str
     t_capture: float
     t_event: float
+    epoch: str = ""
 
     @property
     def key(self) -> str:
@@ -218,7 +229,8 @@ def make_frame(
     encoding: Encoding = "jpeg",
     jpeg_quality: int = 90,
     t_capture: float,
+    epoch: str = "",
 ) -> Frame:
     """Build a Frame from an RGB or grey uint8 image (what the ingest stage does per capture)."""
     payload, shape = encode_image(image, encoding, jpeg_quality=jpeg_quality)
-    return Frame(line, camera, int(seq), float(t_capture), encoding, shape, payload)
+    return Frame(line, camera, int(seq), float(t_capture), encoding, shape, payload, epoch)

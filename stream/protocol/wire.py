@@ -91,6 +91,13 @@ _FIELDS: Final[dict[str, frozenset[str]]] = {
 }
 
 
+_SINCE_V2: Final = frozenset({"epoch"})
+"""Fields schema 2 added to every kind (``_FIELDS`` is schema 1)."""
+
+
+_MAX_EPOCH_LEN: Final = 64
+
+
 _MAP_FIELDS: Final = frozenset({"shape", "codec", "lo", "hi", "data"})
 
 
@@ -178,6 +185,7 @@ class FrameIdentity:
     camera: str
     seq: int
     t_capture: float
+    epoch: str = ""
 
 
 def frame_identity(data: Any, limits: LimitsSettings | None = None) -> FrameIdentity | None:
@@ -193,7 +201,9 @@ def frame_identity(data: Any, limits: LimitsSettings | None = None) -> FrameIden
         if wire.get("kind") != "frame" or not all(k in wire for k in _IDENTITY):
             return None
         r = _Reader(wire, "frame", lim)
-        return FrameIdentity(r.name("line"), r.name("camera"), r.seq(), r.number("t_capture"))
+        return FrameIdentity(
+            r.name("line"), r.name("camera"), r.seq(), r.number("t_capture"), r.epoch()
+        )
     except ProtocolError:
         return None
 
@@ -258,7 +268,7 @@ def _from_wire(wire: dict[str, Any], kind: str, limits: LimitsSettings) -> Messa
         raise ProtocolError(
             "wrong_kind", f"expected a {kind!r} message, got kind {short(got)}", field="kind"
         )
-    expected = _FIELDS[kind]
+    expected = _FIELDS[kind] | (_SINCE_V2 if wire.get("v", SCHEMA_VERSION) >= 2 else frozenset())
     keys = set(wire)
     if not all(isinstance(k, str) for k in keys):
         raise ProtocolError("wrong_type", f"{kind} message keys must be strings")
@@ -336,6 +346,17 @@ class _Reader:
             raise self.fail("negative_seq", "seq", f"sequence number {v} is negative")
         if v >= 2**63:
             raise self.fail("bad_value", "seq", f"sequence number {v} does not fit 63 bits")
+        return v
+
+    def epoch(self) -> str:
+        """The line epoch the message belongs to; ``""`` when unknown (schema 1 has none)."""
+        if "epoch" not in self.wire:
+            return ""
+        v = self.text("epoch", max_len=_MAX_EPOCH_LEN)
+        if not set(v) <= _NAME_CHARS:
+            raise self.fail(
+                "bad_value", "epoch", f"{short(v)} is not an epoch id (letters, digits)"
+            )
         return v
 
     def number(self, name: str, *, value: Any = _UNSET, key: str | None = None) -> float:
@@ -502,7 +523,8 @@ class _Reader:
                     f"LINEGUARD_LIMITS__MAX_FRAME_BYTES={self.limits.max_frame_bytes}",
                 )
             check_header(payload, encoding, (h, w, c), self.limits)  # type: ignore[arg-type]
-        return Frame(line, camera, seq, t_capture, encoding, (h, w, c), payload)  # type: ignore[arg-type]
+        epoch = self.epoch()
+        return Frame(line, camera, seq, t_capture, encoding, (h, w, c), payload, epoch)  # type: ignore[arg-type]
 
     def scores(self) -> Scores:
         line, camera, seq = self.name("line"), self.name("camera"), self.seq()
@@ -519,7 +541,8 @@ class _Reader:
                 raise self.fail("bad_value", "error", "error must be nil or a non-empty reason")
         elif not raw:
             raise self.fail("bad_value", "raw", "scores without an error need at least one branch")
-        return Scores(line, camera, seq, t_capture, raw, model, timings, amap, seg, error)
+        epoch = self.epoch()
+        return Scores(line, camera, seq, t_capture, raw, model, timings, amap, seg, error, epoch)
 
     def event(self) -> Event:
         line, camera, seq = self.name("line"), self.name("camera"), self.seq()
@@ -551,4 +574,5 @@ class _Reader:
             reason,
             t_capture,
             t_event,
+            self.epoch(),
         )

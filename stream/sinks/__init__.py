@@ -8,7 +8,7 @@ for a sink: infer and decide only write the events stream.
 
 Delivery is at least once: an event is acknowledged only after its receiver took it, so a
 crash can repeat what was in flight (``queue_size`` events at most), never lose it.
-Receivers deduplicate on the payload's ``frame_key``; the payload is versioned and
+Receivers deduplicate on the payload's ``frame_key`` and ``epoch``; the payload is versioned and
 described by ``docs/schemas/verdict-v1.json``. Each sink's module says which duplicates it
 can produce; the OPC UA counters are exact (kept in Redis with the acknowledgement).
 """

@@ -9,9 +9,9 @@ itself adds no copies. A receiver can still see a verdict twice when
 * the sink process stopped after a PUBACK but before the stream acknowledgement: the new
   process publishes those verdicts again, oldest first (at most ``queue_size`` of them).
 
-Deduplicate on the payload's ``frame_key``. Per camera the copies keep capture order: a
-repeated window never reorders what came before it. With ``retain`` the broker keeps the
-last message of each topic, i.e. each camera's latest verdict with the default template.
+Deduplicate on the payload's ``frame_key`` and ``epoch``. Per camera the copies keep capture
+order: a repeated window never reorders what came before it. With ``retain`` the broker keeps
+the last message of each topic, i.e. each camera's latest verdict with the default template.
 
 The password goes to paho only; it is never logged, and logs name the broker as host:port.
 """

@@ -5,8 +5,10 @@ place that decides which fields go out and how they are spelled. Fields are only
 within a version; renaming or removing one, or changing its meaning, is a new version (a new
 schema file and a new ``schema`` string), so a receiver can refuse what it does not know.
 
-Receivers deduplicate on ``frame_key``: every sink delivers at least once (see
-``lineguard.stream.sinks``), and the frame key is the same on every copy of a verdict.
+Receivers deduplicate on ``frame_key`` and ``epoch``: every sink delivers at least once (see
+``lineguard.stream.sinks``), and both are the same on every copy of a verdict. The frame key
+alone repeats after Redis lost its data (ingest numbers frames from 0 again, under a new
+epoch); ``epoch`` was added within v1, so it is ``""`` from a line that predates it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def verdict_payload(event: Event, entry_id: str) -> dict[str, Any]:
     return {
         "schema": PAYLOAD_SCHEMA,
         "frame_key": event.key,
+        "epoch": event.epoch,
         "line": event.line,
         "camera": event.camera,
         "seq": event.seq,

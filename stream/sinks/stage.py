@@ -14,7 +14,7 @@ What it adds:
 * **Acknowledge after delivery**: an entry is XACKed only once the sink says it arrived
   (PUBACK, a 2xx, the OPC UA nodes written). A crash between delivery and acknowledgement
   re-delivers those events on restart: at least once, never lost. Receivers deduplicate on
-  ``frame_key``.
+  ``frame_key`` and ``epoch``.
 * **Poison and refusals**: an entry that is not a valid event, or one the receiver refuses
   for good (a webhook's 4xx), goes to the dead stream with its reason instead of blocking
   the line forever.

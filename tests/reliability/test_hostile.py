@@ -212,10 +212,7 @@ def send_raw_with_seq(ing: Ingestor, packed: dict[str, Any]) -> int:
     """A buggy camera bridge: takes the next seq the way ingest does, XADDs its own bytes."""
     seq = ing.next_seq
     data = pack({**packed, "seq": seq})
-    ing._script(
-        keys=[ing.bus.key("frames"), ing.seq_key, ing.sent_key],
-        args=[seq, ENTRY_FIELD, data, 1000, ing.token],
-    )
+    ing._append(seq, data)
     ing.next_seq += 1
     return seq
 

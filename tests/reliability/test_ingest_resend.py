@@ -7,18 +7,15 @@ import pytest
 
 from lineguard.stream.bus import Bus
 from lineguard.stream.ingest import Ingestor, SeqConflictError
-from lineguard.stream.protocol import ENTRY_FIELD, encode, make_frame
+from lineguard.stream.protocol import encode, make_frame
 from tests.stream.pipeline_helpers import BAD, GOOD, SIZE
 
 
 def test_a_retried_send_whose_reply_was_lost_is_not_a_conflict(bus: Bus) -> None:
     ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="png")
-    frame = make_frame(bus.line, "cam0", 0, GOOD, encoding="png", t_capture=1.0)
+    frame = make_frame(bus.line, "cam0", 0, GOOD, encoding="png", t_capture=1.0, epoch=ing.epoch)
     # the first attempt: it ran on the server, its reply was lost on the way back
-    landed = ing._script(
-        keys=[bus.key("frames"), ing.seq_key, ing.sent_key],
-        args=[0, ENTRY_FIELD, encode(frame), 100, ing.token],
-    )
+    landed = ing._append(0, encode(frame))
     sent = ing.send(GOOD, t_capture=1.0)  # the retry
     assert sent.entry_id == landed.decode()
     assert bus.length("frames") == 1  # not sent twice

@@ -9,6 +9,7 @@ counter in Redis) gets exactly one event, and the verdicts are the right ones.
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,91 @@ def test_a_server_restarted_without_its_data_still_gives_every_new_frame_one_ver
             assert len(lost) == 1 and lost[0]["epoch_was"] == epoch, lost
             assert all(p.alive() for p in procs), "a worker died"
             assert [p.stop() for p in procs] == [0, 0]
+        bus.client.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_the_history_keeps_every_verdict_of_both_epochs_when_redis_lost_its_data(
+    tmp_path: Path,
+) -> None:
+    """No persistence, SIGKILL, restart: ingest numbers the camera's frames from 0 again, so
+    the new frames have the frame keys of old ones. The history (a real ``history-worker``
+    process, SQLite) used to drop every such verdict as a duplicate and overwrite the old
+    reject's picture; keyed on (epoch, frame key) it keeps both, each once, and a genuine
+    redelivery is still skipped."""
+    from lineguard.stream.history.archive import ImageArchive
+    from lineguard.stream.history.store import HistoryStore
+    from lineguard.stream.history.worker import history_lag
+    from lineguard.stream.protocol import ENTRY_FIELD
+
+    n = 12
+    server = RedisProcess(tmp_path / "redis", appendonly=False)
+    server.start()
+    try:
+        split = split_bundle()
+        bus = bus_on(server.url)
+        base = settings_for(bus, server.url)
+        settings = base.model_copy(
+            update={"history": base.history.model_copy(update={"dir": tmp_path / "history"})}
+        )
+        procs = workers(bus, server.url, split.path, tmp_path)
+        history = WorkerProcess(
+            "history-worker",
+            ["--consumer", "history-0"],
+            worker_env(
+                server.url, bus, **{"redis.wait_timeout": 60, "history.dir": tmp_path / "history",
+                                    "history.max_delay_ms": 20, "history.block_ms": 200}
+            ),
+            tmp_path / "history.log",
+        )  # fmt: skip
+        store = HistoryStore.from_settings(settings.history)
+
+        def caught_up(rows: int) -> bool:
+            return history_lag(bus, settings) == 0 and store.count() == rows
+
+        with stopped(*procs, history):
+            for p in (*procs, history):
+                p.start()
+            wait_for_workers(bus)
+            epochs = []
+            for i in (0, 1):
+                ingest = IngestThread(settings, IMAGES, n, size=SIZE, fps=50).start()
+                ingest.join(60)
+                ingest.close()
+                check_one_event_each(bus, n, 60)
+                wait_until(partial(caught_up, n * (i + 1)), 60, "the history")
+                epochs.append(bus.current_epoch())
+                if i == 0:
+                    server.restart(crash=True, down_s=1.0)  # SIGKILL without persistence
+                    assert bus.length("events") == 0 and bus.current_epoch() is None
+            # the second epoch's events once more, as a retried EXEC would put them
+            copies = [f[ENTRY_FIELD] for _id, f in bus.client.xrange(bus.key("events"))]
+            assert len(copies) == n
+            for data in copies:
+                bus.client.xadd(bus.key("events"), {ENTRY_FIELD: data})
+            wait_until(lambda: caught_up(2 * n), 30, "the history to skip the copies")
+            assert all(p.alive() for p in (*procs, history)), "a worker died"
+            assert [p.stop() for p in (*procs, history)] == [0, 0, 0]
+        assert None not in epochs and len(set(epochs)) == 2
+        rows = store.query()
+        assert store.count() == 2 * n
+        assert sorted((r.epoch, r.seq) for r in rows) == sorted(
+            (e, s) for e in epochs for s in range(n)
+        )
+        assert all(r.verdict == EXPECTED[r.seq % len(EXPECTED)] for r in rows)
+        fails = [r for r in rows if r.verdict == "fail"]
+        assert len(fails) == 2 * EXPECTED.count("fail") * n // len(EXPECTED)
+        # both epochs' rejects of seq 1, 5, 9 (same camera, same day): distinct files
+        archive = ImageArchive(settings.history.dir / "images", max_days=1, max_bytes=1 << 30)
+        images = [r.image for r in fails]
+        assert None not in images and len(set(images)) == len(fails)
+        files = [archive.path(i) for i in images]  # type: ignore[arg-type]
+        assert all(f.is_file() for f in files) and len({f.stat().st_ino for f in files}) == len(
+            fails
+        )
+        store.close()
         bus.client.close()
     finally:
         server.stop()

@@ -294,6 +294,20 @@ def test_a_trimmed_frame_is_reported_and_maps_still_show(bus: Bus, redis_url: st
         assert get(server.url + "api/image/bad{name}/1/thumb")[0] == 404
 
 
+def test_a_frame_key_again_in_a_new_epoch_is_counted_and_a_copy_is_not(
+    bus: Bus, redis_url: str
+) -> None:
+    """After Redis lost its data, seq 3 comes again under a new epoch: a new verdict."""
+    t = time.time()
+    for epoch in ("e1", "e2", "e2"):  # the last one a redelivered copy
+        bus.add("events", Event("line1", "cam0", 3, "pass", 0.1, 1.0, {}, "m", {}, "", t, t, epoch))
+    with DashboardServer(
+        settings_for(bus, redis_url), url=redis_url, port=0, config=FAST
+    ) as server:
+        wait_until(lambda: state_of(server)["ignored"]["duplicates"] == 1, 10, "the copy")
+        assert state_of(server)["counts"]["pass"] == 2
+
+
 def test_token_is_required_and_never_printed(
     bus: Bus, redis_url: str, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -40,7 +40,7 @@ from tests.stream.pipeline_helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("LINEGUARD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-SCHEMA = ROOT / "docs" / "schemas" / "history-v1.json"
+SCHEMA = ROOT / "docs" / "schemas" / "history-v2.json"
 VERDICT_CYCLE = ("pass", "pass", "fail", "pass", "error", "pass", "uninspected")
 
 
@@ -75,16 +75,22 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HistorySto
 
 
 def event(
-    seq: int, verdict: str | None = None, *, camera: str = "cam0", model: str = "m-1"
+    seq: int,
+    verdict: str | None = None,
+    *,
+    camera: str = "cam0",
+    model: str = "m-1",
+    epoch: str = "",
+    t: float | None = None,
 ) -> Event:
-    t = time.time()
+    t = time.time() if t is None else t
     v = verdict or VERDICT_CYCLE[seq % len(VERDICT_CYCLE)]
     judged = v in ("pass", "fail")
     return Event(
         "line1", camera, seq, v,  # type: ignore[arg-type]
         (2.0 if v == "fail" else 0.3) if judged else None, 1.0 if judged else None,
         {"lgst": 0.25, "patch_knn": 0.5} if judged else {}, model,
-        {"total": 0.021, "infer": 0.01}, "" if judged else f"{v} for a reason", t, t,
+        {"total": 0.021, "infer": 0.01}, "" if judged else f"{v} for a reason", t, t, epoch,
     )  # fmt: skip
 
 
@@ -186,6 +192,138 @@ def test_store_writes_a_frame_key_once_and_keeps_marks(store: HistoryStore) -> N
     assert got is not None and got.model == "m-1" and store.get("line1/cam0/000123456") is None
 
 
+def test_a_frame_key_used_again_in_a_new_epoch_is_a_row_of_its_own(store: HistoryStore) -> None:
+    """After Redis lost its data, ingest numbers frames from 0 again: (key, epoch) is the
+    identity, so the new epoch's verdicts are kept beside the old ones, each exactly once."""
+    old = [row_from_event(event(i, epoch="e1", t=1000.0 + i)) for i in range(6)]
+    new = [row_from_event(event(i, "fail", epoch="e2", t=2000.0 + i)) for i in range(4)]
+    assert store.insert(old) == 6
+    assert store.insert([*new, *old[:3]]) == 4  # the new epoch kept, redeliveries skipped
+    assert store.insert(new) == 0 and store.count() == 10
+    pairs = [(r.frame_key, r.epoch) for r in store.iter_rows(page=3)]
+    assert len(pairs) == len(set(pairs)) == 10 and pairs[6:] == [(r.frame_key, "e2") for r in new]
+    key = old[1].frame_key
+    # a bare frame key names its newest verdict; an epoch picks one
+    assert (store.get(key).epoch, store.get(key, "e1").verdict) == ("e2", old[1].verdict)  # type: ignore[union-attr]
+    store.mark(key, "good", epoch="e1")
+    assert store.marks([key]) == {}  # the newest verdict of the key has no mark
+    store.mark(key, "defect")
+    assert store.marks([key]) == {key: "defect"}
+    assert {(r.epoch, r.mark) for r in store.query() if r.frame_key == key} == {
+        ("e1", "good"),
+        ("e2", "defect"),
+    }
+    # a mark made before any verdict of its key goes to the first row written with it
+    late = row_from_event(event(9, "fail", epoch="e2", t=2009.0))
+    store.mark(late.frame_key, "defect", note="found downstream")
+    assert store.marks([late.frame_key]) == {late.frame_key: "defect"}
+    assert (late.frame_key, None) in store.marked("defect")
+    store.insert([late])
+    assert store.get(late.frame_key).mark == "defect"  # type: ignore[union-attr]
+    again = row_from_event(event(9, "pass", epoch="e3", t=3009.0))
+    store.insert([again])
+    assert store.get(late.frame_key).mark is None  # type: ignore[union-attr]
+    assert store.get(late.frame_key, "e2").mark == "defect"  # type: ignore[union-attr]
+
+
+def _old_tables(store: HistoryStore) -> None:
+    """The tables as lineguard wrote them before the epoch: frame_key the primary key."""
+    conn = store._connect()  # the new tables: replaced by the old shape below
+    cur = conn.cursor()
+    for table in (store.verdicts, store.marks_table):
+        cur.execute(f"DROP TABLE {table}")
+    num = "REAL" if store.dialect == "sqlite" else "DOUBLE PRECISION"
+    cur.execute(
+        f"CREATE TABLE {store.verdicts} (frame_key TEXT PRIMARY KEY, line TEXT, camera TEXT, "
+        f"seq BIGINT, t_capture {num}, t_event {num}, verdict TEXT, reason TEXT, score {num}, "
+        f"threshold {num}, contributions TEXT, model TEXT, latency_ms {num}, image TEXT, "
+        f"map TEXT, t_stored {num})"
+    )
+    cur.execute(f"CREATE INDEX {store.verdicts}_t ON {store.verdicts} (t_capture, frame_key)")
+    cur.execute(
+        f"CREATE TABLE {store.marks_table} (frame_key TEXT PRIMARY KEY, mark TEXT NOT NULL, "
+        f"t_mark {num} NOT NULL, source TEXT, note TEXT)"
+    )
+    ph = store._ph
+    for i in range(3):
+        cur.execute(
+            f"INSERT INTO {store.verdicts} (frame_key, line, camera, seq, t_capture, t_event, "
+            f"verdict, reason, contributions, model, image) VALUES "
+            f"({', '.join([ph] * 11)})",
+            (f"line1/cam0/{i:09d}", "line1", "cam0", i, 100.0 + i, 100.5 + i, "fail", "r",
+             "{}", "m-0", f"cam0/19700101/{i:09d}.jpg"),
+        )  # fmt: skip
+    cur.execute(
+        f"INSERT INTO {store.marks_table} VALUES ({', '.join([ph] * 5)})",
+        ("line1/cam0/000000001", "good", 5.0, "cli", ""),
+    )
+    conn.commit()
+    store.close()
+    store._schema_ready = False
+
+
+def test_a_history_from_before_the_epoch_is_migrated_and_keeps_its_rows(
+    store: HistoryStore,
+) -> None:
+    _old_tables(store)
+    assert store.count() == 3  # the first connection migrates
+    rows = store.query()
+    assert [(r.seq, r.epoch, r.mark) for r in rows] == [
+        (0, "", None),
+        (1, "", "good"),
+        (2, "", None),
+    ]
+    assert store.marked("good") == [("line1/cam0/000000001", "cam0/19700101/000000001.jpg")]
+    # the old rows are still deduplicated, and the same keys in an epoch are new rows
+    assert store.insert([row_from_event(event(1, epoch=""))]) == 0
+    assert store.insert([row_from_event(event(i, epoch="e1")) for i in range(3)]) == 3
+    assert store.count() == 6
+    other = HistoryStore(store.url, directory=store.directory, table_prefix=store.verdicts[:-9])
+    assert other.count() == 6  # a second store opening it finds nothing left to migrate
+    other.close()
+
+
+def test_pictures_of_one_seq_in_two_epochs_are_two_files(tmp_path: Path) -> None:
+    archive = ImageArchive(tmp_path / "images", max_days=1, max_bytes=1 << 20)
+    t = time.time()
+    rels: list[str] = []
+    for epoch, value in (("e1", 10), ("e2", 200), ("e2", 200)):
+        img = np.full((8, 8, 3), value, np.uint8)
+        frame = make_frame("line1", "cam0", 5, img, encoding="png", t_capture=t, epoch=epoch)
+        rel = archive.save_frame(frame)
+        assert rel is not None
+        rels.append(rel)
+    assert rels[0] != rels[1] == rels[2]  # a redelivery rewrites its own file, no other
+    pictures = [cv2.imread(str(archive.path(r))) for r in rels[:2]]
+    assert [None if p is None else int(p[0, 0, 0]) for p in pictures] == [10, 200]
+    no_epoch = make_frame("line1", "cam0", 5, np.zeros((8, 8, 3), np.uint8), t_capture=t)
+    assert (
+        archive.save_frame(no_epoch)
+        == f"cam0/{time.strftime('%Y%m%d', time.gmtime(t))}/000000005.jpg"
+    )
+
+
+def test_refit_feedback_gets_the_picture_of_each_epoch_s_marked_frame(tmp_path: Path) -> None:
+    """The frame key of both rejects is the same (seq 4 before and after Redis lost its
+    data): each mark reaches its own verdict's picture, and neither is reported missing."""
+    from lineguard.stream.history.feedback import collect_feedback
+
+    store = HistoryStore(None, directory=tmp_path / "h")
+    archive = ImageArchive(tmp_path / "h" / "images", max_days=1, max_bytes=1 << 20)
+    t = time.time()
+    for epoch, mark in (("e1", "good"), ("e2", "defect"), ("e3", "good")):
+        img = np.full((8, 8, 3), 40, np.uint8)
+        frame = make_frame("line1", "cam0", 4, img, encoding="png", t_capture=t, epoch=epoch)
+        row = row_from_event(event(4, "fail", epoch=epoch, t=t), image=archive.save_frame(frame))
+        store.insert([row])
+        store.mark(row.frame_key, mark, epoch=epoch)
+    fb = collect_feedback(store, archive.root)
+    assert len(fb.good) == len(set(fb.good)) == 2 and len(fb.defects) == 1
+    assert all(p.is_file() for p in (*fb.good, *fb.defects))
+    assert fb.missing == {"good": [], "defect": []}
+    store.close()
+
+
 def test_store_filters_by_camera_model_and_time(store: HistoryStore) -> None:
     evs = [
         event(i, "pass", camera="a" if i % 2 else "b", model="m-2" if i > 5 else "m-1")
@@ -230,7 +368,7 @@ def test_export_formats_hold_the_schema_columns(store: HistoryStore, tmp_path: P
     assert export_rows(store.iter_rows(), tmp_path / "h.parquet") == 12
     pt = pq.read_table(tmp_path / "h.parquet")
     assert tuple(pt.column_names) == COLUMNS
-    assert pt.schema.metadata[b"lineguard.schema"] == b"lineguard/history-v1"
+    assert pt.schema.metadata[b"lineguard.schema"] == b"lineguard/history-v2"
     assert pt.column("seq").to_pylist() == list(range(12))
     assert export_rows(store.iter_rows(), tmp_path / "h.jsonl") == 12
     schema = json.loads(SCHEMA.read_text())
@@ -479,6 +617,14 @@ def test_feedback_and_history_commands(tmp_path: Path) -> None:
     assert "line1/cam0/000000002 marked good part" in r.output
     r = runner.invoke(app, ["feedback", "line1/cam0/77", "--defect"], env=env)
     assert r.exit_code == 0 and "no verdict row" in r.output
+    # after Redis lost its data the key comes again; --epoch picks the older verdict
+    store.insert([row_from_event(event(3, "fail", epoch="e9", t=time.time() + 5))])
+    r = runner.invoke(app, ["feedback", "line1/cam0/3", "--defect"], env=env)
+    assert r.exit_code == 0 and store.get("line1/cam0/000000003", "e9").mark == "defect"  # type: ignore[union-attr]
+    r = runner.invoke(app, ["feedback", "line1/cam0/3", "--good", "--epoch", ""], env=env)
+    assert r.exit_code == 0 and store.get("line1/cam0/000000003", "").mark == "good"  # type: ignore[union-attr]
+    r = runner.invoke(app, ["feedback", "line1/cam0/3", "--good", "--epoch", "nope"], env=env)
+    assert r.exit_code != 0 and "no verdict" in r.output
     assert runner.invoke(app, ["feedback", "nonsense", "--good"], env=env).exit_code != 0
     assert (
         runner.invoke(app, ["feedback", "line1/cam0/2", "--good", "--defect"], env=env).exit_code
@@ -487,16 +633,16 @@ def test_feedback_and_history_commands(tmp_path: Path) -> None:
     r = runner.invoke(app, ["history", "--verdict", "fail", "--format", "json"], env=env)
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
-    assert data["counts"]["total"] == 14 and data["counts"]["fail"] == 2
-    assert data["reject_rate"] == pytest.approx(2 / 14)
-    assert [row["seq"] for row in data["rows"]] == [9, 2] and data["rows"][1]["mark"] == "good"
+    assert data["counts"]["total"] == 15 and data["counts"]["fail"] == 3
+    assert data["reject_rate"] == pytest.approx(3 / 15)
+    assert [row["seq"] for row in data["rows"]] == [3, 9, 2] and data["rows"][2]["mark"] == "good"
     r = runner.invoke(
         app, ["history", "--mark", "good", "--export", str(tmp_path / "g.csv")], env=env
     )
     assert r.exit_code == 0, r.output
-    assert len((tmp_path / "g.csv").read_text().splitlines()) == 2
+    assert len((tmp_path / "g.csv").read_text().splitlines()) == 3
     r = runner.invoke(app, ["history", "--since", "1h"], env=env)
-    assert r.exit_code == 0 and "14 verdicts in range" in r.output
+    assert r.exit_code == 0 and "15 verdicts in range" in r.output
     assert runner.invoke(app, ["history", "--since", "yesterday-ish"], env=env).exit_code != 0
     assert (
         runner.invoke(app, ["history", "--export", str(tmp_path / "x.xlsx")], env=env).exit_code

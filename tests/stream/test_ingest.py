@@ -111,6 +111,26 @@ def test_ingest_resizes_numbers_and_persists_the_next_seq(bus: Bus) -> None:
         again.send(colour(0))
 
 
+def test_frames_carry_the_line_epoch_and_a_lost_epoch_stops_the_ingest(bus: Bus) -> None:
+    """The epoch tells frames numbered again from 0 after Redis lost its data from the old
+    ones with the same seqs: every frame carries it, and an ingest whose epoch vanished
+    (even one still at seq 0, whose counter a fresh server would recreate) refuses to send."""
+    ing = Ingestor(bus, camera="cam-e", size=32, encoding="png")
+    sent = [ing.send(colour(i)).frame for i in range(2)]
+    epoch = bus.current_epoch()
+    assert epoch and ing.epoch == epoch and {f.epoch for f in sent} == {epoch}
+    assert {f.epoch for f in frames_on(bus) if f.camera == "cam-e"} == {epoch}
+    fresh = Ingestor(bus, camera="cam-f", size=32)  # at seq 0: nothing of it in Redis yet
+    # what a restart without persistence does to this line: its keys are gone
+    bus.client.delete(bus.epoch_key, ing.seq_key, ing.sent_key)
+    for stale in (ing, fresh):
+        with pytest.raises(SeqConflictError, match="vanished"):
+            stale.send(colour(0))
+    again = Ingestor(bus, camera="cam-e", size=32, encoding="png")
+    frame = again.send(colour(3)).frame
+    assert frame.seq == 0 and frame.epoch == again.epoch == bus.current_epoch() != epoch
+
+
 def test_record_then_replay_the_recording(bus: Bus, tmp_path: Path) -> None:
     rec = tmp_path / "rec"
     settings = settings_for(bus, "redis://unused", **{"ingest.encoding": "jpeg"})

@@ -365,7 +365,7 @@ def test_garbage_bytes(data: Any, reason: str) -> None:
 
 
 def test_wrong_version_message_lists_supported() -> None:
-    with pytest.raises(ProtocolError, match=r"reads \[1\].*upgrade lineguard"):
+    with pytest.raises(ProtocolError, match=r"reads \[1, 2\].*upgrade lineguard"):
         decode_frame(pack(_set(v=9)(wire(RAW))))
 
 
@@ -561,3 +561,29 @@ def test_a_png_bomb_is_refused_by_its_pixel_count_before_decoding() -> None:
         decode_image(bomb)  # a Frame built in-process: the header check catches it too
     assert info.value.reason == "image_too_large"
     assert decode_frame(data, roomy).shape == (8000, 8000, 1)  # the limit is the gate
+
+
+def test_every_message_carries_its_epoch_and_schema_1_reads_as_no_epoch() -> None:
+    """Schema 2 added ``epoch`` (the frame key repeats after Redis lost its data); schema 1
+    messages (no epoch) still decode, as epoch ``""``, and each schema has its own fields."""
+    f = make_frame("line1", "cam0", 7, smooth_rgb(), encoding="png", t_capture=T0, epoch="e1")
+    for msg, decoder in (
+        (f, decode_frame),
+        (scores(epoch="e1"), decode_scores),
+        (event(epoch="e1"), decode_event),
+    ):
+        w = wire(msg)
+        assert w["v"] == SCHEMA_VERSION == 2 and w["epoch"] == "e1"
+        assert decoder(pack(w)) == msg
+        old = {k: v for k, v in w.items() if k != "epoch"} | {"v": 1}
+        assert decoder(pack(old)).epoch == ""
+        with pytest.raises(ProtocolError) as missing:
+            decoder(pack({**old, "v": 2}))
+        assert (missing.value.reason, missing.value.field) == ("missing_field", "epoch")
+        with pytest.raises(ProtocolError) as extra:
+            decoder(pack({**w, "v": 1}))
+        assert extra.value.reason == "extra_field"
+        for bad in ("a/b", "x" * 65, 7):
+            with pytest.raises(ProtocolError) as refused:
+                decoder(pack({**w, "epoch": bad}))
+            assert refused.value.field == "epoch"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -92,12 +93,14 @@ def test_real_payloads_validate_against_the_schema(bus: Bus) -> None:
     broken = dict(sink.got[0], verdict="pass", score=None)
     assert not validator.is_valid(broken)
     assert not validator.is_valid({k: v for k, v in sink.got[0].items() if k != "frame_key"})
+    assert not validator.is_valid(dict(sink.got[0], epoch="a/b"))
 
 
 def test_payload_fields_mirror_the_event() -> None:
     ev = make_event("cam0", 2)  # a fail
     p = verdict_payload(ev, "1-0")
-    assert p["frame_key"] == "line1/cam0/000000002"
+    assert p["frame_key"] == "line1/cam0/000000002" and p["epoch"] == ""
+    assert verdict_payload(dataclasses.replace(ev, epoch="e7"), "1-0")["epoch"] == "e7"
     assert (p["verdict"], p["score"], p["threshold"]) == ("fail", 1.5, 1.0)
     assert p["latency_s"] == ev.latency["total"]
     assert p["capture_time"].endswith("Z") and p["event_id"] == "1-0"
