@@ -106,6 +106,11 @@ class ModelConfig:
     patch_descriptor: str = "mid"
     position_prior: bool = False  # subtract good parts' mean map per position before the max
     position_scale: bool = False  # and divide the LGST map by their spread there (needs prior)
+    # ... and the patch bank's map too. On a surface every position is the same texture, and
+    # what varies among good parts at a position (a tile's edge or chamfer under pose jitter)
+    # would otherwise set the image maximum; on an assembly the bank's distances already span
+    # that variation (train decides by the fusion recipe; see TrainPreset).
+    position_scale_knn: bool = False
     # The frame round trip that training, the banks and calibration saw ("raw", "png",
     # "jpeg:Q"); the line sends frames this way by default. Bundles from before it: lossless.
     frame_codec: str = "raw"
@@ -150,7 +155,7 @@ class ModelConfig:
                 f"unknown patch_descriptor {self.patch_descriptor!r}; use one of "
                 f"{sorted(PATCH_DESCRIPTORS)}"
             )
-        if self.position_scale and not self.position_prior:
+        if (self.position_scale or self.position_scale_knn) and not self.position_prior:
             raise ConfigError(
                 "position_scale divides the map after the prior: it needs position_prior"
             )
@@ -235,6 +240,7 @@ class CSADModel(nn.Module):
     prior_lgst: torch.Tensor  # only with ModelConfig.position_prior
     prior_knn: torch.Tensor
     prior_scale_lgst: torch.Tensor  # only with ModelConfig.position_scale
+    prior_scale_knn: torch.Tensor  # only with ModelConfig.position_scale_knn and a patch bank
 
     def __init__(self, config: ModelConfig, backbone_weights: str | Path | None = "imagenet"):
         super().__init__()
@@ -274,10 +280,13 @@ class CSADModel(nn.Module):
         if config.position_scale:
             # Positions where good parts differ a lot among themselves (edges under pose jitter)
             # still set LGST's maximum after the mean is gone; their spread, relative to the
-            # map's typical spread, divides them down (one until calibration). Not for the patch
-            # bank: its distances are to good patches that already span that variation, and on
-            # the seed-1 selection line dividing them too cost structural AUROC (0.951 → 0.945).
+            # map's typical spread, divides them down (one until calibration). The patch bank's
+            # map only with position_scale_knn: on an assembly its distances are to good patches
+            # that already span that variation (on the seed-1 selection line dividing them too
+            # cost structural AUROC, 0.951 → 0.945), on a surface it is what the spread is for.
             self.register_buffer("prior_scale_lgst", torch.ones(1, 1, *s))
+        if config.position_scale_knn and config.patch_bank:
+            self.register_buffer("prior_scale_knn", torch.ones(1, 1, *config.patch_grid))
         self.fewshot_knn = (
             FewShotBank(
                 spec.channels[8] + spec.channels[16],
@@ -341,6 +350,8 @@ class CSADModel(nn.Module):
             knn_map = self.patch_knn(desc)
             if self.config.position_prior:
                 knn_map = knn_map - self.prior_knn
+            if self.config.position_scale_knn:
+                knn_map = knn_map / self.prior_scale_knn
             columns.append(knn_map.amax(dim=(1, 2, 3)))
             amap = amap + to_map(knn_map, self.config.map_size)
         if self.hist_knn is not None:

@@ -112,6 +112,8 @@ def fit_position_prior(
     model.prior_knn.zero_()
     if model.config.position_scale:
         model.prior_scale_lgst.fill_(1.0)
+    if model.config.position_scale_knn and model.patch_knn is not None:
+        model.prior_scale_knn.fill_(1.0)
     maps: dict[str, list[torch.Tensor]] = {"lgst": [], "knn": []}
     for i in range(0, len(images), batch):
         x = model.preprocess(torch.from_numpy(images[i : i + batch]))
@@ -122,7 +124,11 @@ def fit_position_prior(
             maps["knn"].append(model.patch_knn(model.describe_patches(f)).float())
     stacked = {name: torch.cat(parts) for name, parts in maps.items() if parts}
     if "knn" in stacked:
-        model.prior_knn.copy_(_blur(stacked["knn"].mean(dim=0, keepdim=True)))
+        knn = stacked["knn"]
+        model.prior_knn.copy_(_blur(knn.mean(dim=0, keepdim=True)))
+        if model.config.position_scale_knn:
+            variance = knn.square().mean(dim=0, keepdim=True) - knn.mean(dim=0, keepdim=True) ** 2
+            model.prior_scale_knn.copy_(_relative_spread(variance))
     if "lgst" not in stacked:  # no student (a surface): its column stays zero
         return stacked
     lgst = stacked["lgst"]
@@ -171,7 +177,7 @@ def held_out_prior_scores(model: CSADModel, maps: dict[str, torch.Tensor]) -> di
             own = stack[i : i + 64]
             rest_mean = (total - own) / (n - 1)
             adjusted = own - _blur(rest_mean)
-            if name == "lgst" and config.position_scale:
+            if config.position_scale if name == "lgst" else config.position_scale_knn:
                 rest_var = (squares - own.square()) / (n - 1) - rest_mean.square()
                 adjusted = adjusted / _relative_spread(rest_var)
             scores.append(adjusted.amax(dim=(1, 2, 3)))

@@ -88,6 +88,8 @@ class FaissStage:
         # the same per-position prior the in-graph branch subtracts (zero when it is off)
         prior = state.get("prior_knn")
         self.prior = 0.0 if prior is None else prior.float().cpu().numpy()
+        spread = state.get("prior_scale_knn")  # and the spread it divides by (one when off)
+        self.spread = 1.0 if spread is None else spread.float().cpu().numpy()
         self.search = FaissSearch(bank, config.patch_search.removeprefix("faiss-"))
         self.column = config.branches.index("patch_knn")
         self.grid = config.patch_grid
@@ -107,7 +109,7 @@ class FaissStage:
         b, _, d = features.shape
         gh, gw = self.grid
         distances = self.search.nearest(features.reshape(-1, d)).reshape(b, 1, gh, gw)
-        knn_map = normalise(distances, self.q_a, self.q_b) - self.prior
+        knn_map = (normalise(distances, self.q_a, self.q_b) - self.prior) / self.spread
         knn_map = knn_map.astype(np.float32)
         scores = np.array(out.scores, dtype=np.float32, copy=True)
         # the score on the descriptor grid, the map resampled as in the graph (engines.knn)

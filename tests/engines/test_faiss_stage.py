@@ -23,6 +23,7 @@ GRAPH = ModelConfig(
     patch_bank=48,
     position_prior=True,
     position_scale=True,
+    position_scale_knn=True,
 )
 
 
@@ -35,6 +36,7 @@ def _pair() -> tuple[CSADModel, CSADModel]:
     gh, gw = GRAPH.patch_grid  # the bank's prior lives on its descriptor grid (8×8 at 64 px)
     graph.prior_knn.copy_(torch.linspace(0, 0.2, gh * gw).reshape(1, 1, gh, gw))
     graph.prior_scale_lgst.copy_(torch.linspace(0.5, 2.0, 16 * 16).reshape(1, 1, 16, 16))
+    graph.prior_scale_knn.copy_(torch.linspace(0.25, 3.0, gh * gw).reshape(1, 1, gh, gw))
     faiss = CSADModel(replace(GRAPH, patch_search="faiss-flat"), backbone_weights=None).eval()
     faiss.load_state_dict(graph.state_dict())
     return graph, faiss

@@ -343,6 +343,10 @@ def test_a_plain_surface_without_components_still_trains(tmp_path: Path) -> None
     assert any("fusion recipe surface: fuses patch_knn" in m for m in messages)
     # ... so the student is left out of the model: no training, no forward pass, zeros
     assert bundle.config.student is False and bundle.build_model().lgst is None
+    # and the bank's map is divided by good parts' spread per position, a surface's default
+    assert bundle.config.position_scale_knn
+    spread = bundle.build_model().prior_scale_knn
+    assert float(spread.min()) >= 0.25 and float(spread.std()) > 0
     assert any("LGST skipped" in m for m in messages)
     assert bundle.calibration.left_out()["lgst"]
     images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
@@ -376,6 +380,7 @@ def test_a_plain_surface_without_components_still_trains(tmp_path: Path) -> None
         student=True, log=lambda _m: None,
     )  # fmt: skip
     assert again.config.student is True and again.build_model().lgst is not None
+    assert again.config.position_scale_knn  # the recipe, not the student, decides the spread
 
 
 def test_refit_changes_banks_and_normalisation_without_touching_the_networks(
