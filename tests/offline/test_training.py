@@ -589,7 +589,10 @@ def test_validation_scores_are_held_out_from_the_prior_they_are_calibrated_with(
     torch.manual_seed(0)
     model = CSADModel(config, backbone_weights=None).eval()
     model.patch_knn.set_bank(torch.randn(16, model.patch_knn.bank.shape[1]))
-    goods = np.random.default_rng(3).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    goods = np.random.default_rng(3).integers(100, 140, (7, 64, 64, 3), dtype=np.uint8)
+    for i, good in enumerate(goods):  # each good part has a bright mark where no other has one
+        y, x = 4 + 8 * (i % 7), 4 + 7 * ((3 * i) % 8)
+        good[y : y + 6, x : x + 6] = 255
     held = held_out_prior_scores(model, fit_position_prior(model, goods))
     in_sample = raw_scores(model, goods)
     lgst, knn = config.branches.index("lgst"), config.branches.index("patch_knn")
