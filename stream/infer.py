@@ -13,12 +13,13 @@ Per step, in order:
    are taken over with XAUTOCLAIM and scored here.
 3. **Batch.** With the model idle, XREADGROUP blocks only for the first entry; the batch is
    then topped up until ``max_batch`` entries or ``max_delay_ms`` after the first
-   (``Bus.read_batch``) and launched. While a forward runs, frames queue up behind it and
-   become the next batch: what is queued is read (never waiting) and decoded while the
-   forward runs, and the moment it ends the batch is topped up, without waiting, with the
-   frames that landed since. So batches grow only when frames queue behind a running forward,
-   and a frame never waits a forward more than it must. A restarted worker first re-reads its
-   own unacknowledged backlog.
+   (``Bus.read_batch``; 0 by default, so an idle model starts on a frame at once, as Triton's
+   dynamic batcher does by default) and launched. While a forward runs, frames queue up
+   behind it and become the next batch: what is queued is read (never waiting) and decoded
+   while the forward runs, and the moment it ends the batch is topped up, without waiting,
+   with the frames that landed since. So batches grow only when frames queue behind a
+   running forward, and a frame never waits a forward more than it must. A restarted worker
+   first re-reads its own unacknowledged backlog.
 4. **Decode.** Each entry is decoded on its own: a message that is not a valid frame goes to
    the dead stream with the decoder's reason; a valid frame whose image cannot be decoded
    becomes that frame's error ``Scores`` (the rest of the batch is unaffected). Images are
