@@ -11,23 +11,28 @@ Per step, in order:
 2. **Reclaim.** Every ``reclaim_interval_ms`` entries that sat unacknowledged in some
    consumer's pending list for longer than ``reclaim_idle_ms`` (a worker that died mid-batch)
    are taken over with XAUTOCLAIM and scored here.
-3. **Batch.** XREADGROUP blocks only for the first entry; the batch is then topped up until
-   ``max_batch`` entries or ``max_delay_ms`` after the first (``Bus.read_batch``). A restarted
-   worker first re-reads its own unacknowledged backlog.
+3. **Batch.** With the model idle, XREADGROUP blocks only for the first entry; the batch is
+   then topped up until ``max_batch`` entries or ``max_delay_ms`` after the first
+   (``Bus.read_batch``; 0 by default, so an idle model starts on a frame at once, as Triton's
+   dynamic batcher does by default) and launched. While a forward runs, frames queue up
+   behind it and become the next batch: what is queued is read (never waiting) and decoded
+   while the forward runs, and the moment it ends the batch is topped up, without waiting,
+   with the frames that landed since. So batches grow only when frames queue behind a
+   running forward, and a frame never waits a forward more than it must. A restarted worker
+   first re-reads its own unacknowledged backlog.
 4. **Decode.** Each entry is decoded on its own: a message that is not a valid frame goes to
    the dead stream with the decoder's reason; a valid frame whose image cannot be decoded
    becomes that frame's error ``Scores`` (the rest of the batch is unaffected). Images are
    decoded by a small thread pool straight into a staging batch allocated once per model
-   (page-locked on CUDA; ``lineguard.stream.staging``).
-5. **Score, overlapped.** The forward pass runs in its own thread. While batch *n* runs, the
-   loop reads batch *n+1* (without waiting when nothing is queued) and decodes it into the
-   other staging buffer; then it collects batch *n*'s outputs and submits *n+1*. If the
-   forward fails or returns the wrong number of rows, every frame of the batch gets an error
-   ``Scores``. Each ``Scores`` carries its own batch's times: ``decode`` (wall time of that
-   batch's decode), ``wait`` (decoded, waiting for the previous forward) and ``forward``
-   (``runtime.run`` alone).
+   (page-locked on CUDA; ``lineguard.stream.staging``), the one no forward is reading.
+5. **Score, overlapped.** The forward pass runs in its own thread; batch *n+1* is submitted
+   as soon as batch *n*'s forward returns, and batch *n* is published while *n+1* runs. If
+   the forward fails or returns the wrong number of rows, every frame of the batch gets an
+   error ``Scores``. Each ``Scores`` carries its own batch's times: ``decode`` (wall time of
+   that batch's decode), ``wait`` (decoded, waiting for the previous forward) and
+   ``forward`` (``runtime.run`` alone), and its own ``t_read``.
 6. **Publish and acknowledge** batch *n* in one MULTI (``Bus.ack_with_result``), before batch
-   *n+1* is submitted, so batches are published in the order they were read. The batch in
+   *n+1* is published, so batches are published in the order they were read. The batch in
    flight when the worker stops is finished in ``teardown``; after a Redis failure it is
    dropped unpublished and re-read from this consumer's pending list.
 
@@ -179,6 +184,8 @@ class _Batch:
 
     model: LoadedModel
     t_read: float
+    slot: int = 0  # which of the model's staging buffers holds its images
+    read_late: dict[str, float] = field(default_factory=dict)  # entry id → read, if after t_read
     ack_only: list[str] = field(default_factory=list)
     work: list[tuple[Entry, Frame]] = field(default_factory=list)
     poison: list[tuple[Entry, Frame]] = field(default_factory=list)
@@ -213,14 +220,6 @@ class InferStage:
             raise ConfigError(
                 f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIME_CHOICES)}"
             )
-        limit_ms = settings.redis.socket_timeout * 1000 / 2
-        if settings.infer.max_delay_ms >= limit_ms:
-            # the batch top-up waits up to max_delay_ms in one blocking read
-            raise ConfigError(
-                f"LINEGUARD_INFER__MAX_DELAY_MS={settings.infer.max_delay_ms} must stay below "
-                f"half of LINEGUARD_REDIS__SOCKET_TIMEOUT={settings.redis.socket_timeout} s "
-                "or the batch wait times out on the client; lower it or raise the timeout"
-            )
         self.bus = bus
         self.settings = settings
         self.cfg = settings.infer
@@ -238,7 +237,6 @@ class InferStage:
         self.decoder = DecodePool(decode_threads(self.cfg.decode_threads), bus.limits)
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="infer-forward")
         self._inflight: _Batch | None = None
-        self._slot = 0  # which staging buffer the next batch is decoded into
         self.reader = bus.reader("frames", self.cfg.group, self.consumer)
         self.metrics = get_metrics()
         self.counts = {
@@ -386,23 +384,40 @@ class InferStage:
             # finish first: a reclaim pass must not take over this worker's own batch in flight
             done, self._inflight = self._inflight, None
             self._finish(done)
-        busy = self._inflight is not None
-        entries = [] if busy else self.reclaimer.take()
-        if not entries:
-            # with a forward running, take only what is queued now: waiting here would hold
-            # back the publication of the batch in flight
-            entries = self.reader.read_batch(
-                self.cfg.max_batch,
-                0 if busy else self.cfg.max_delay_ms,
-                None if busy else self.cfg.block_ms,
+        if self._inflight is None:
+            # the model is idle: wait for the first entry only and launch at once
+            entries = self.reclaimer.take() or self.reader.read_batch(
+                self.cfg.max_batch, self.cfg.max_delay_ms, self.cfg.block_ms
             )
+            if entries:
+                self._launch(self._prepare(entries), None)
+            return len(entries)
+        # a forward is running: stage what is queued now (decoded while the forward runs),
+        # never waiting, since waiting here would hold back the batch in flight
+        entries = self.reader.read_batch(self.cfg.max_batch, 0, None)
         batch = self._prepare(entries) if entries else None
-        if self._inflight is not None:
-            done, self._inflight = self._inflight, None
-            self._finish(done)
-        if batch is not None:
+        done, self._inflight = self._inflight, None
+        if done.future is not None:
+            done.future.exception()  # the forward is over: its staging buffer is free
+        # frames that arrived during the forward join the next batch before it starts
+        room = self.cfg.max_batch - (len(batch.work) if batch is not None else 0)
+        more = self.reader.read_batch(room, 0, None) if room > 0 else []
+        if more:
+            batch = self._prepare(more, batch)
+        self._launch(batch, done)
+        return len(entries) + len(more)
+
+    def _launch(self, batch: _Batch | None, done: _Batch | None) -> None:
+        """Start ``batch``'s forward, then publish ``done`` (whose forward has returned) while
+        it runs: the model never waits for a publication. Batches are still published in the
+        order they were read: ``batch`` is published by a later step, after ``done``."""
+        if batch is not None and batch.images is not None:
             self._submit(batch)
-        return len(entries)
+            batch = None
+        if done is not None:
+            self._finish(done)
+        if batch is not None:  # nothing to score (every frame refused or undecodable)
+            self._finish(batch)
 
     def process(self, entries: list[Entry]) -> None:
         """Score one batch of entries and publish it now (nothing left in flight)."""
@@ -460,17 +475,24 @@ class InferStage:
 
     # processing --------------------------------------------------------------------
 
-    def _prepare(self, entries: list[Entry]) -> _Batch:
-        """Sort a batch's entries (trimmed, dead, poison, work) and decode the work's images
-        into the free staging buffer."""
+    def _prepare(self, entries: list[Entry], batch: _Batch | None = None) -> _Batch:
+        """Sort entries (trimmed, dead, poison, work) and decode the work's images into the
+        staging buffer no forward is reading; with ``batch``, add them to that batch (frames
+        that arrived while the previous forward ran), after the rows it already holds."""
         assert self.model is not None
-        model = self.model
-        batch = _Batch(model, time.time())
+        t_read = time.time()
+        if batch is None:
+            slot = 0 if self._inflight is None or self._inflight.slot != 0 else 1
+            batch = _Batch(self.model, t_read, slot=slot)
+        model = batch.model
         limits = self.bus.limits
         m = self.metrics
         m.frames_in.labels("infer").inc(len(entries))
-        base = {"t_read": batch.t_read}
+        base = {"t_read": t_read}
+        start = len(batch.work)
         for e in entries:
+            if t_read != batch.t_read:
+                batch.read_late[e.id] = t_read
             if e.deleted:
                 # Delivered once, then trimmed away before it was acknowledged.
                 batch.ack_only.append(e.id)
@@ -496,27 +518,30 @@ class InferStage:
                 continue
             batch.work.append((e, frame))
 
-        batch.results = [None] * len(batch.work)
-        if not batch.work:
+        new = batch.work[start:]
+        batch.results.extend([None] * len(new))
+        if not new:
             return batch
-        staging = model.staging[self._slot % len(model.staging)]
-        self._slot += 1
+        staging = model.staging[batch.slot]
+        first = len(batch.rows)  # staged rows so far; the new images go after them
         t0 = time.perf_counter()
-        frames = [frame for _e, frame in batch.work]
-        errors = self.decoder.decode_into(frames, staging)
-        for i, ((e, frame), bad) in enumerate(zip(batch.work, errors, strict=True)):
+        errors = self.decoder.decode_into([frame for _e, frame in new], staging[first:])
+        kept: list[int] = []
+        for k, ((e, frame), bad) in enumerate(zip(new, errors, strict=True)):
             if bad is not None:
                 with frame_context(frame.key):
                     log.warning("infer.bad_image", reason=bad.reason, error=str(bad))
-                batch.results[i] = self._error(frame, e, model, f"cannot decode frame: {bad}", base)
+                reason = f"cannot decode frame: {bad}"
+                batch.results[start + k] = self._error(frame, e, model, reason, base)
                 continue
             self._check_encoding(frame, model)
-            batch.rows.append(i)
+            kept.append(first + k)
+            batch.rows.append(start + k)
+        if len(kept) < len(new) and kept:  # close the gaps the failed frames left
+            staging[first : first + len(kept)] = staging[kept]
         if batch.rows:
-            if len(batch.rows) < len(batch.work):  # close the gaps the failed frames left
-                staging[: len(batch.rows)] = staging[batch.rows]
             batch.images = staging[: len(batch.rows)]
-        batch.decode_s = time.perf_counter() - t0
+        batch.decode_s += time.perf_counter() - t0
         batch.t_decoded = time.perf_counter()
         return batch
 
@@ -566,15 +591,16 @@ class InferStage:
             }
             for j, i in enumerate(batch.rows):
                 e, frame = batch.work[i]
+                own = _read_at(timings, batch, e)
                 if failure is not None or scores is None:
-                    results[i] = self._error(frame, e, model, failure or "no scores", timings)
+                    results[i] = self._error(frame, e, model, failure or "no scores", own)
                     continue
                 row = scores[j]
                 if not np.isfinite(row).all():
                     with frame_context(frame.key):
                         log.warning("infer.non_finite", scores=row.tolist())
                     results[i] = self._error(
-                        frame, e, model, "model produced a non-finite score", timings
+                        frame, e, model, "model produced a non-finite score", own
                     )
                     continue
                 results[i] = Scores(
@@ -584,7 +610,7 @@ class InferStage:
                     frame.t_capture,
                     {b: float(row[k]) for k, b in enumerate(model.bundle.branches)},
                     model.version,
-                    self._timings(e, timings),
+                    self._timings(e, own),
                     self._map(amap, j),
                     self._seg(seg, amap, j),
                     epoch=frame.epoch,
@@ -597,7 +623,7 @@ class InferStage:
             )
             with frame_context(frame.key):
                 log.error("infer.poison", deliveries=e.deliveries, entry_id=e.id)
-            results.append(self._error(frame, e, model, reason, base))
+            results.append(self._error(frame, e, model, reason, _read_at(base, batch, e)))
 
         messages = [r for r in results + batch.refused if r is not None]
         t_scored = time.time()
@@ -627,7 +653,8 @@ class InferStage:
             if q is not None:
                 m.batch_wait.observe(q)
                 m.stage_seconds.labels("queue").observe(q)
-            m.stage_seconds.labels("infer").observe(max(0.0, t_scored - batch.t_read))
+            t_read = s.timings.get("t_read", batch.t_read)
+            m.stage_seconds.labels("infer").observe(max(0.0, t_scored - t_read))
         if messages:
             log.debug(
                 "infer.batch",
@@ -731,6 +758,13 @@ def _forward(runtime: Runtime, images: np.ndarray) -> tuple[Any, float, float]:
     t0 = time.perf_counter()
     out = runtime.run(images)
     return out, t0, time.perf_counter() - t0
+
+
+def _read_at(timings: dict[str, float], batch: _Batch, e: Entry) -> dict[str, float]:
+    """``timings`` with the entry's own read time when it joined ``batch`` after the first
+    read (its queue wait ends when it was read, not when the batch's first entry was)."""
+    late = batch.read_late.get(e.id)
+    return timings if late is None else {**timings, "t_read": late}
 
 
 def _stamp(s: Scores, t_scored: float) -> Scores:

@@ -211,7 +211,13 @@ class InferSettings(_Section):
 
     group: str = "infer"
     max_batch: int = Field(default=8, ge=1, le=4096)
-    max_delay_ms: int = Field(default=5, ge=0, le=60_000)
+    max_delay_ms: int = Field(
+        default=0,
+        ge=0,
+        le=60_000,
+        description="how long an idle worker waits after a batch's first frame for more; "
+        "0: launch at once (batches still grow while a forward runs)",
+    )
     batch_buckets: Annotated[tuple[int, ...], NoDecode] = (1, 2, 4, 8)
     block_ms: int = Field(default=1000, ge=1)
     reclaim_idle_ms: int = Field(default=30_000, ge=1)

@@ -68,7 +68,9 @@ MaxDelayOpt = Annotated[
     typer.Option(
         metavar="MS",
         help=env_help(
-            "Wait this long after a batch's first frame.", "LINEGUARD_INFER__MAX_DELAY_MS"
+            "With the model idle, wait this long after a batch's first frame for more "
+            "(0: launch at once; batches grow while a forward runs).",
+            "LINEGUARD_INFER__MAX_DELAY_MS",
         ),
     ),
 ]

@@ -135,6 +135,22 @@ def test_batch_returns_partial_batch_after_delay(bus_each: Bus) -> None:
         bus_each.read_batch("frames", G, "w1", max_batch=0, max_delay_ms=1, block_ms=1)
 
 
+def test_a_short_batch_window_ends_on_time_when_nothing_else_arrives(bus_each: Bus) -> None:
+    """A server expires a blocked read only on its clock tick (100 ms at the default hz 10),
+    so a top-up that blocked for its last few milliseconds returned ~100 ms late: here, 20
+    ms. The window is the batcher's, not the server's tick."""
+    bus_each.ensure_group("frames", G)
+    fill(bus_each, 1)
+    took = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        batch = bus_each.read_batch("frames", G, "w1", max_batch=8, max_delay_ms=20, block_ms=100)
+        took.append(time.perf_counter() - t0)
+        assert len(batch) == 1
+        fill(bus_each, 1)
+    assert min(took) >= 0.019 and max(took) < 0.080, took
+
+
 def test_ack_with_result_is_one_transaction(bus_each: Bus) -> None:
     bus_each.ensure_group("frames", G)
     fill(bus_each, 3)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -266,4 +268,84 @@ def test_the_next_batch_is_read_and_decoded_while_the_forward_runs(
     assert b["t_read"] < a["t_scored"]  # overlapped: read before the first batch was out
     for t in (a, b):
         assert t["batch"] == 8 and t["forward"] > 0 and t["decode"] > 0 and t["wait"] >= 0
+    assert bus.pending("frames", "infer") == []
+
+
+class _SendsDuringForward:
+    """The real runtime, but its ``n``-th call first waits for ``gate`` and sends ``frames``
+    (real XADDs): frames that land while a forward runs, after the loop last looked."""
+
+    def __init__(self, real: Any, call: int, gate: threading.Event, send: Any) -> None:
+        self.kind = real.kind
+        self.real, self.call, self.gate, self.send = real, call, gate, send
+        self.calls = 0
+
+    def run(self, images: np.ndarray) -> Outputs:
+        self.calls += 1
+        if self.calls == self.call:
+            assert self.gate.wait(10), "the loop never read while this forward ran"
+            self.send()
+        return self.real.run(images)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_frames_that_arrive_during_a_forward_join_the_next_batch_before_it_starts(
+    bus: Bus, redis_url: str
+) -> None:
+    """While a forward runs the loop stages what is queued (frame 1); frames that land later
+    in that forward (2 and 3) still join the next batch the moment the forward ends, rather
+    than waiting one forward more, and each one's queue wait ends when it was read."""
+    stage = make_stage(bus, redis_url)
+    assert stage.model is not None
+    ing = Ingestor(bus, camera="cam0", size=SIZE, encoding="png")
+    gate = threading.Event()
+    stage.model.runtime = _SendsDuringForward(  # type: ignore[assignment]
+        stage.model.runtime, 1, gate, lambda: [ing.send(GOOD) for _ in range(2)]
+    )
+    real_read = stage.reader.read_batch
+
+    def read_batch(max_batch: int, max_delay_ms: int, block_ms: int | None) -> list[Any]:
+        out = real_read(max_batch, max_delay_ms, block_ms)
+        if stage._inflight is not None:
+            gate.set()  # the look while the forward runs is over: now frames 2 and 3 land
+        return out
+
+    stage.reader.read_batch = read_batch  # type: ignore[method-assign]
+    ing.send(GOOD)
+    assert stage.step() == 1  # idle: frame 0 is launched alone, at once
+    ing.send(GOOD)
+    assert stage.step() == 3  # frame 1 staged during forward 0, 2 and 3 taken as it ended
+    assert [s.seq for s in read_scores(bus)] == [0]  # batch 0 published while 1–3 run
+    drain(stage)
+    out = read_scores(bus)
+    assert [s.seq for s in out] == [0, 1, 2, 3]
+    assert [s.timings["batch"] for s in out] == [1, 3, 3, 3]
+    for s in out[1:]:
+        t = s.timings
+        assert t["t_queued"] <= t["t_read"] <= t["t_scored"]  # read after it was queued
+    assert out[2].timings["t_read"] > out[1].timings["t_read"]
+    assert bus.pending("frames", "infer") == []
+
+
+def test_a_batch_with_nothing_to_score_is_published_after_the_forward_before_it(
+    bus: Bus, redis_url: str
+) -> None:
+    """A batch whose every image fails to decode has no forward to wait for, but it was read
+    after the batch in flight and is published after it."""
+    stage = make_stage(bus, redis_url)
+    ok, png = cv2.imencode(".png", GOOD)
+    assert ok
+    good = Frame("line1", "cam0", 0, time.time(), "png", (SIZE, SIZE, 3), png.tobytes())
+    bus.add_frame(good, max_len=100)
+    assert stage.step() == 1  # frame 0's forward runs
+    broken = png.tobytes()[:60]
+    bus.add_frame(
+        Frame("line1", "cam0", 1, time.time(), "png", (SIZE, SIZE, 3), broken), max_len=100
+    )
+    assert stage.step() == 1
+    out = read_scores(bus)
+    assert [s.seq for s in out] == [0, 1]
+    assert out[0].error is None and out[1].error is not None
     assert bus.pending("frames", "infer") == []

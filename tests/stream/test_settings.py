@@ -149,7 +149,10 @@ def test_block_must_stay_below_socket_timeout(monkeypatch: pytest.MonkeyPatch) -
     [
         ({"LINEGUARD_INFER__MAX_BATCH": "32"}, "exceeds the largest batch bucket"),
         ({"LINEGUARD_INFER__BATCH_BUCKETS": "4,2"}, "strictly increasing"),
-        ({"LINEGUARD_INFER__RECLAIM_IDLE_MS": "3"}, "LINEGUARD_INFER__RECLAIM_IDLE_MS=3"),
+        (
+            {"LINEGUARD_INFER__RECLAIM_IDLE_MS": "3", "LINEGUARD_INFER__MAX_DELAY_MS": "5"},
+            "LINEGUARD_INFER__RECLAIM_IDLE_MS=3",
+        ),
         ({"LINEGUARD_LINE__ID": "line{1}"}, "LINEGUARD_LINE__ID=line{1}"),
         ({"LINEGUARD_REDIS__KEY_PREFIX": "a b"}, "LINEGUARD_REDIS__KEY_PREFIX"),
         ({"LINEGUARD_METRICS__PORT": "70000"}, "LINEGUARD_METRICS__PORT=70000"),
