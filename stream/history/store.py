@@ -79,6 +79,9 @@ _KINDS: Final = {
 }
 
 
+IN_CHUNK: Final = 400  # keys per IN (...) list; pairs take two parameters each, under 999
+
+
 class HistoryUnavailable(LineguardError):
     """The history database cannot be reached or written right now (it may come back)."""
 
@@ -339,8 +342,8 @@ class HistoryStore:
         total = 0
         unique = list(dict.fromkeys(keys))
         pair = f"({self._ph}, {self._ph})"
-        for i in range(0, len(unique), 500):
-            chunk = unique[i : i + 500]
+        for i in range(0, len(unique), IN_CHUNK):
+            chunk = unique[i : i + IN_CHUNK]
             cur.execute(
                 f"SELECT COUNT(*) FROM {self.verdicts} WHERE (frame_key, epoch) IN "
                 f"(VALUES {', '.join([pair] * len(chunk))})",
@@ -349,6 +352,14 @@ class HistoryStore:
             total += int(cur.fetchone()[0])
         return total
 
+    def _key_chunks(self, keys: Sequence[str]) -> Iterator[tuple[list[str], str]]:
+        """The distinct ``keys`` in chunks an ``IN (...)`` list can hold, each with its
+        placeholders (SQLite allows at most 999 parameters per statement)."""
+        unique = list(dict.fromkeys(keys))
+        for i in range(0, len(unique), IN_CHUNK):
+            chunk = unique[i : i + IN_CHUNK]
+            yield chunk, ", ".join([self._ph] * len(chunk))
+
     def _claim_pending_marks(self, cur: Any, rows: Sequence[HistoryRow]) -> None:
         """Hand marks made before their verdict row existed (epoch ``*``) to the row of that
         frame key just written (the newest, if the batch holds several epochs of it)."""
@@ -356,10 +367,7 @@ class HistoryStore:
         for r in rows:
             if r.frame_key not in newest or r.t_capture > newest[r.frame_key].t_capture:
                 newest[r.frame_key] = r
-        keys = list(newest)
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            ph = ", ".join([self._ph] * len(chunk))
+        for chunk, ph in self._key_chunks(list(newest)):
             cur.execute(
                 f"SELECT frame_key FROM {self.marks_table} WHERE epoch = {self._ph} "
                 f"AND frame_key IN ({ph})",
@@ -384,10 +392,7 @@ class HistoryStore:
         """The epoch of each frame key's newest verdict row (keys without a row are left
         out): what a bare frame key names."""
         out: dict[str, tuple[float, str]] = {}
-        unique = list(dict.fromkeys(keys))
-        for i in range(0, len(unique), 500):
-            chunk = unique[i : i + 500]
-            ph = ", ".join([self._ph] * len(chunk))
+        for chunk, ph in self._key_chunks(keys):
             cur.execute(
                 f"SELECT frame_key, epoch, t_capture FROM {self.verdicts} "
                 f"WHERE frame_key IN ({ph})",
@@ -565,12 +570,7 @@ class HistoryStore:
         """The marks of these frame keys (those that have one): each key's newest verdict's
         mark, or its pending mark if it has no verdict row yet."""
         out: dict[str, str] = {}
-        unique = list(dict.fromkeys(keys))
-        for i in range(0, len(unique), 500):
-            chunk = unique[i : i + 500]
-            if not chunk:
-                continue
-            ph = ", ".join([self._ph] * len(chunk))
+        for chunk, ph in self._key_chunks(keys):
             with self._tx() as cur:
                 newest = self._newest_epochs(cur, chunk)
                 cur.execute(
