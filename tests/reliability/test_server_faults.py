@@ -9,6 +9,8 @@ counter in Redis) gets exactly one event, and the verdicts are the right ones.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 
 from lineguard.stream.bus import Bus, connect
 from lineguard.stream.ingest import Ingestor
-from lineguard.stream.settings import RedisSettings
+from lineguard.stream.settings import RedisSettings, Settings
 from lineguard.stream.worker import line_key
 from tests.reliability.helpers import (
     IngestThread,
@@ -250,6 +252,25 @@ def test_a_batch_caught_by_an_outage_is_rescored_as_soon_as_the_server_is_back(
         bus.client.close()
 
 
+@contextmanager
+def volatile_line(tmp_path: Path) -> Iterator[tuple[RedisProcess, Bus, Settings, list]]:
+    """A server without persistence (a restart empties it), the line's bus and settings on
+    it, and the infer and decide worker processes (not started); the server stops at the end."""
+    server = RedisProcess(tmp_path / "redis", appendonly=False)
+    server.start()
+    try:
+        split = split_bundle()
+        bus = bus_on(server.url)
+        yield (
+            server,
+            bus,
+            settings_for(bus, server.url),
+            workers(bus, server.url, split.path, tmp_path),
+        )
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_a_server_restarted_without_its_data_still_gives_every_new_frame_one_verdict(
     tmp_path: Path,
@@ -257,13 +278,7 @@ def test_a_server_restarted_without_its_data_still_gives_every_new_frame_one_ver
     """No persistence, SIGKILL, restart: the line's streams, groups, counters and watermarks
     are gone. Decide used to keep its watermark (40 here, millions on a real line) and drop
     every new frame as already judged; the line's epoch tells it the state is gone."""
-    server = RedisProcess(tmp_path / "redis", appendonly=False)
-    server.start()
-    try:
-        split = split_bundle()
-        bus = bus_on(server.url)
-        settings = settings_for(bus, server.url)
-        procs = workers(bus, server.url, split.path, tmp_path)
+    with volatile_line(tmp_path) as (server, bus, settings, procs):
         with stopped(*procs):
             for p in procs:
                 p.start()
@@ -287,8 +302,6 @@ def test_a_server_restarted_without_its_data_still_gives_every_new_frame_one_ver
             assert all(p.alive() for p in procs), "a worker died"
             assert [p.stop() for p in procs] == [0, 0]
         bus.client.close()
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow
@@ -306,16 +319,10 @@ def test_the_history_keeps_every_verdict_of_both_epochs_when_redis_lost_its_data
     from lineguard.stream.protocol import ENTRY_FIELD
 
     n = 12
-    server = RedisProcess(tmp_path / "redis", appendonly=False)
-    server.start()
-    try:
-        split = split_bundle()
-        bus = bus_on(server.url)
-        base = settings_for(bus, server.url)
+    with volatile_line(tmp_path) as (server, bus, base, procs):
         settings = base.model_copy(
             update={"history": base.history.model_copy(update={"dir": tmp_path / "history"})}
         )
-        procs = workers(bus, server.url, split.path, tmp_path)
         history = WorkerProcess(
             "history-worker",
             ["--consumer", "history-0"],
@@ -372,5 +379,3 @@ def test_the_history_keeps_every_verdict_of_both_epochs_when_redis_lost_its_data
         )
         store.close()
         bus.client.close()
-    finally:
-        server.stop()
