@@ -127,15 +127,13 @@ def fit_position_prior(
         knn = stacked["knn"]
         model.prior_knn.copy_(_blur(knn.mean(dim=0, keepdim=True)))
         if model.config.position_scale_knn:
-            variance = knn.square().mean(dim=0, keepdim=True) - knn.mean(dim=0, keepdim=True) ** 2
-            model.prior_scale_knn.copy_(_relative_spread(variance))
+            model.prior_scale_knn.copy_(_relative_spread(_variance(knn)))
     if "lgst" not in stacked:  # no student (a surface): its column stays zero
         return stacked
     lgst = stacked["lgst"]
     model.prior_lgst.copy_(_blur(lgst.mean(dim=0, keepdim=True)))
     if model.config.position_scale:
-        variance = lgst.square().mean(dim=0, keepdim=True) - lgst.mean(dim=0, keepdim=True) ** 2
-        model.prior_scale_lgst.copy_(_relative_spread(variance))
+        model.prior_scale_lgst.copy_(_relative_spread(_variance(lgst)))
     return stacked
 
 
@@ -143,6 +141,11 @@ def _blur(t: torch.Tensor) -> torch.Tensor:
     from torch.nn import functional as F
 
     return F.avg_pool2d(t, 5, stride=1, padding=2, count_include_pad=False)
+
+
+def _variance(maps: torch.Tensor) -> torch.Tensor:
+    """Per-position variance ``[1, 1, h, w]`` of a stack of maps ``[N, 1, h, w]``."""
+    return maps.square().mean(dim=0, keepdim=True) - maps.mean(dim=0, keepdim=True) ** 2
 
 
 def _relative_spread(variance: torch.Tensor) -> torch.Tensor:
