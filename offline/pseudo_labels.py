@@ -53,6 +53,9 @@ class PseudoLabelConfig:
     bandwidth_quantile: float = 0.05
     hdbscan_min_fraction: float = 0.1
     max_classes: int = 12
+    # None: every component feature column standardised alike, then PCA (the default); or the
+    # share of each cue in the clustering, deep, colour, size, shape (balance_blocks)
+    block_weights: tuple[float, float, float, float] | None = None
     seed: int = 0
 
 
@@ -220,6 +223,46 @@ def component_features(
     return np.concatenate([deep, np.stack(extra)], axis=1).astype(np.float32), np.asarray(owner)
 
 
+# component_features' columns after the pooled deep features: mean Lab colour (3), then
+# log-area (1), then shape (log-elongation, fill: 2).
+EXTRA_BLOCKS = (3, 1, 2)
+
+
+def balance_blocks(
+    features: np.ndarray, weights: tuple[float, float, float, float], seed: int = 0
+) -> np.ndarray:
+    """Component features with each cue (deep, colour, size, shape) given a set share.
+
+    Standardising every column alike hands the few hundred deep columns almost all of the
+    variance, so the three colour columns vanish from the principal components; yet colour is
+    what tells a red cable from a blue one. Here the deep block is reduced to its leading
+    principal components, each block's columns are standardised, and each block is scaled to
+    a root-mean-square norm equal to its weight. A block without structure is scaled up like
+    any other, which is why this is not yet the default (docs/families/README.md, "What the
+    pseudo-labels find": it separates the connectors' cable colours, and costs the tray's
+    class purity).
+    """
+    from sklearn.decomposition import PCA
+
+    n_extra = sum(EXTRA_BLOCKS)
+    deep_dims = features.shape[1] - n_extra
+    deep = features[:, :deep_dims].astype(np.float64)
+    deep = deep - deep.mean(axis=0)
+    k = min(8, deep_dims, max(1, len(features) - 1))
+    blocks = [PCA(n_components=k, random_state=seed).fit_transform(deep)] if k > 0 else []
+    start = deep_dims
+    for width in EXTRA_BLOCKS:
+        b = features[:, start : start + width].astype(np.float64)
+        b = b - b.mean(axis=0)
+        blocks.append(b / b.std(axis=0).clip(1e-9))
+        start += width
+    out = []
+    for b, w in zip(blocks, weights, strict=True):
+        rms = float(np.sqrt((b**2).sum(axis=1).mean()))
+        out.append(w * b / max(rms, 1e-9))
+    return np.concatenate(out, axis=1)
+
+
 def cluster_components(
     features: np.ndarray, owner: np.ndarray, n_images: int, config: PseudoLabelConfig
 ) -> np.ndarray:
@@ -228,8 +271,11 @@ def cluster_components(
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    z = StandardScaler().fit_transform(features)
-    z = PCA(n_components=min(16, z.shape[1], len(z)), random_state=config.seed).fit_transform(z)
+    if config.block_weights is None:
+        z = StandardScaler().fit_transform(features)
+        z = PCA(n_components=min(16, z.shape[1], len(z)), random_state=config.seed).fit_transform(z)
+    else:
+        z = balance_blocks(features, config.block_weights, config.seed)
     bandwidth = estimate_bandwidth(
         z, quantile=config.bandwidth_quantile, random_state=config.seed, n_samples=min(len(z), 2000)
     )
