@@ -249,7 +249,7 @@ def balance_blocks(
     deep = features[:, :deep_dims].astype(np.float64)
     deep = deep - deep.mean(axis=0)
     k = min(8, deep_dims, max(1, len(features) - 1))
-    blocks = [PCA(n_components=k, random_state=seed).fit_transform(deep)] if k > 0 else []
+    blocks = [PCA(n_components=k, random_state=seed).fit_transform(deep)]
     start = deep_dims
     for width in EXTRA_BLOCKS:
         b = features[:, start : start + width].astype(np.float64)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-import cv2
 import numpy as np
 from sklearn.metrics import v_measure_score
 
 from lineguard.engines.backbones import create_backbone
+from lineguard.engines.codec import DEFAULT_FRAME_CODEC, FrameCodec
 from lineguard.offline.families_bench import seed_for
 from lineguard.offline.pseudo_labels import (
     PseudoLabelConfig,
@@ -31,24 +31,17 @@ from lineguard.offline.pseudo_labels import (
     component_features,
     oversegment,
 )
-from lineguard.offline.synth import PRODUCTS, make_scene, render_components
-from lineguard.offline.synth.render import render
-
-
-def _as_sent(image: np.ndarray, quality: int = 90) -> np.ndarray:
-    """The image after the line's default frame codec (what train reads, too)."""
-    ok, buf = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
-    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+from lineguard.offline.synth import PRODUCTS, make_scene, render, render_components
 
 
 def confusion(family: str, n: int, config: PseudoLabelConfig, size: int = 256) -> dict:
     seed = seed_for(family, "selection")
+    codec = FrameCodec.parse(DEFAULT_FRAME_CODEC)  # the line's frames, as train reads them
     images, truth = [], []
     names: tuple[str, ...] = ()
     for i in range(n):
         scene = make_scene(family, seed, "train", i)
-        images.append(_as_sent(render(scene, size)))
+        images.append(codec.round_trip(render(scene, size)))
         comp, scene_names = render_components(scene, size)
         # one kind list for all images (a scene's list holds only the kinds it has)
         names = tuple(sorted(set(names) | set(scene_names[1:])))

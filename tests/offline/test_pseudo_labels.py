@@ -30,7 +30,7 @@ def _components(
     return np.concatenate([deep, lab, area, form], axis=1).astype(np.float32)
 
 
-def _blocks_and_cables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _blocks_and_cables(n: int) -> np.ndarray:
     """A grey block in every image and a cable whose colour is the product variant: red,
     blue or yellow, each in a third of the images (the connectors family)."""
     rng = np.random.default_rng(2)
@@ -41,14 +41,11 @@ def _blocks_and_cables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         [_components(rng, third, cable_look, c, -5.0, (1.5, 0.3)) for c in colours]
     )
     blocks = _components(rng, n, block_look, (1.5, 1.5, 1.5), -3.5, (0.2, 0.9))
-    x = np.concatenate([blocks, cables])
-    owner = np.concatenate([np.arange(n), np.arange(n)])
-    truth = np.concatenate([np.zeros(n, int), 1 + np.repeat([0, 1, 2], third)])
-    return x, owner, truth
+    return np.concatenate([blocks, cables])
 
 
 def test_each_cue_gets_its_share_of_the_clustering() -> None:
-    x, _, _ = _blocks_and_cables(90)
+    x = _blocks_and_cables(90)
     z = balance_blocks(x, (1.0, 2.0, 1.0, 0.5))
     norms, start = [], 0
     for width in (8, *EXTRA_BLOCKS):
