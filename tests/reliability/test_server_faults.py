@@ -351,7 +351,8 @@ def test_the_history_keeps_every_verdict_of_both_epochs_when_redis_lost_its_data
                 epochs.append(bus.current_epoch())
                 if i == 0:
                     server.restart(crash=True, down_s=1.0)  # SIGKILL without persistence
-                    assert bus.length("events") == 0 and bus.current_epoch() is None
+                    # the data is gone; a worker may already have stamped a new epoch
+                    assert bus.length("events") == 0 and bus.current_epoch() != epochs[0]
             # the second epoch's events once more, as a retried EXEC would put them
             copies = [f[ENTRY_FIELD] for _id, f in bus.client.xrange(bus.key("events"))]
             assert len(copies) == n
