@@ -40,9 +40,15 @@ TEACHER_CACHE_BYTES = 2 * 2**30
 class LGSTTrainConfig:
     """Defaults fit a CPU budget: a short cosine schedule at a higher learning rate than the
     papers' (2e-4 over 60–70k steps) converges much further in ~1000 steps (measured on the
-    synthetic tray: structural AUROC of the local map 0.71 at lr 2e-4 vs 0.77 at 1e-3)."""
+    synthetic tray: structural AUROC of the local map 0.71 at lr 2e-4 vs 0.77 at 1e-3).
 
-    steps: int = 1500
+    1200 steps with the hard-negative penalty every third step (was 1500 and every second)
+    take ~24 % less time, which brings a whole default ``train`` of the tray under 30 minutes
+    on 2 cores; on the tray's selection seed the fused score held (logical 0.996 → 0.999,
+    structural 0.974 → 0.973) while the LGST branch alone lost some (0.973/0.877 →
+    0.921/0.829), which the patch bank and the histograms cover in the fusion."""
+
+    steps: int = 1200
     batch_size: int = 8
     lr: float = 1e-3
     schedule: str = "cosine"  # or "step": ×0.1 at 95 % of the steps, as CSAD/EfficientAD
@@ -50,7 +56,7 @@ class LGSTTrainConfig:
     hard_quantile: float = 0.999
     penalty: str = "procedural"
     penalty_dir: Path | None = None
-    penalty_every: int = 2
+    penalty_every: int = 3
     jitter_probability: float = 0.5
     # of the jittered steps, the share whose images also get an extra JPEG (codec_jitter); on
     # jittered steps only, so the cached teacher targets of the plain steps stay valid
